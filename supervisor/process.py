@@ -1,0 +1,174 @@
+"""Supervising a spawned child on trio: wait on its pidfd, stop it, run it.
+
+A :class:`Child` owns a pidfd. Waiting is ``wait_readable(pidfd)`` then a
+non-blocking ``waitid(P_PIDFD)``, so no SIGCHLD handler and no thread is
+needed. Stopping sends the stop signal to the child's process group (it is a
+session leader; its pid cannot be reused while it is unreaped), then SIGKILL
+after the timeout, as a shielded deliver-then-wait (STYLE item 7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from . import logs, native
+from .description import StopPolicy
+from .resolve import LaunchPlan, LogPipe
+
+#: How long log pipes may stay open after the program exited, for
+#: grandchildren still holding them, before the pump stops reading.
+DRAIN_GRACE = 2.0
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a child ended: an exit code or the signal that killed it."""
+
+    code: int | None = None
+    signal: int | None = None
+
+    @property
+    def shell_code(self) -> int:
+        """The code a shell would show: the exit code, or 128 + signal."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.code or 0
+
+    def __str__(self) -> str:
+        if self.signal is not None:
+            return f"killed by {signal.Signals(self.signal).name}"
+        return f"exited with code {self.code}"
+
+
+class Child:
+    """A running child process, owned through its pidfd."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self._pidfd = pidfd
+        self.status: ExitStatus | None = None
+
+    @classmethod
+    def spawn(cls, plan: LaunchPlan) -> Child:
+        """Spawn ``plan`` and close the supervisor's copies of the child's fds.
+
+        Raises :class:`~supervisor.errors.SpawnError`; the plan keeps its fds
+        (and its log pipes) either way, for the caller to close.
+        """
+        spawned = native.spawn(plan.spawn_request())
+        plan.close_child_side()
+        return cls(spawned.pid, spawned.pidfd)
+
+    def _poll(self) -> ExitStatus | None:
+        if self.status is None and self._pidfd >= 0:
+            result = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
+            if result is not None and result.si_pid != 0:
+                if result.si_code == os.CLD_EXITED:
+                    self.status = ExitStatus(code=result.si_status)
+                else:
+                    self.status = ExitStatus(signal=result.si_status)
+                self._close_pidfd()
+        return self.status
+
+    async def wait(self) -> ExitStatus:
+        """Wait until the child exits and reap it. Cancellation leaves it running."""
+        while (status := self._poll()) is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+        return status
+
+    def send_signal(self, sig: int, *, group: bool = True) -> None:
+        """Signal the child (and its process group) unless it was already reaped."""
+        if self.status is not None or self._pidfd < 0:
+            return
+        if group:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+    async def stop(self, policy: StopPolicy) -> ExitStatus:
+        """Send the stop signal, SIGKILL after ``policy.timeout``; return the status.
+
+        Shielded: a cancelled caller still gets the child killed and reaped.
+        """
+        with trio.CancelScope(shield=True):
+            self.send_signal(policy.signal)
+            with trio.move_on_after(policy.timeout):
+                return await self.wait()
+            self.send_signal(signal.SIGKILL)
+            return await self.wait()
+
+    def _close_pidfd(self) -> None:
+        fd, self._pidfd = self._pidfd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Forget the child without waiting (kills it first if it still runs)."""
+        if self.status is None and self._pidfd >= 0:
+            self.send_signal(signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+        self._close_pidfd()
+
+
+async def run_plan(
+    plan: LaunchPlan,
+    sink: logs.LogSink,
+    *,
+    stop_signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+    on_started: Callable[[Child], None] | None = None,
+    drain_grace: float = DRAIN_GRACE,
+) -> ExitStatus:
+    """Spawn ``plan``, pump its logs into ``sink`` and wait for it to exit.
+
+    A signal in ``stop_signals`` delivered to the supervisor stops the child
+    with its description's stop policy. Every byte the child wrote to its
+    ``!log`` pipes is in ``sink`` before this returns. The plan is closed.
+    """
+    try:
+        child = Child.spawn(plan)
+    except BaseException:
+        plan.close()
+        raise
+    pipes = plan.take_log_pipes()
+    try:
+        async with trio.open_nursery() as nursery:
+            pumps = trio.CancelScope()
+            nursery.start_soon(_pump_all, pipes, sink, pumps)
+            pipes = []
+            if on_started is not None:
+                on_started(child)
+            with trio.open_signal_receiver(*stop_signals) as received:
+                watcher = trio.CancelScope()
+
+                async def stop_on_signal() -> None:
+                    with watcher:
+                        async for _ in received:
+                            await child.stop(plan.description.stop)
+                            return
+
+                nursery.start_soon(stop_on_signal)
+                status = await child.wait()
+                watcher.cancel()
+            # Grandchildren may still hold the pipes: drain for a bounded time.
+            pumps.deadline = trio.current_time() + drain_grace
+    finally:
+        for pipe in pipes:
+            os.close(pipe.read_fd)
+        child.close()
+        plan.close()
+    return status
+
+
+async def _pump_all(pipes: list[LogPipe], sink: logs.LogSink, scope: trio.CancelScope) -> None:
+    with scope:
+        async with trio.open_nursery() as nursery:
+            for pipe in pipes:
+                nursery.start_soon(logs.pump, pipe.read_fd, pipe.stream, sink)
