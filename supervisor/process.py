@@ -76,11 +76,20 @@ class Child:
                 self._close_pidfd()
         return self.status
 
-    async def wait(self) -> ExitStatus:
-        """Wait until the child exits and reap it. Cancellation leaves it running."""
-        while (status := self._poll()) is None:
+    async def wait(self, *, kill_group: bool = True) -> ExitStatus:
+        """Wait until the child exits and reap it. Cancellation leaves it running.
+
+        With ``kill_group``, what is left of the child's process group is
+        killed before the child is reaped (while its zombie still reserves the
+        group id), so no descendant keeps running unobserved in it.
+        """
+        while self.status is None:
             await trio.lowlevel.wait_readable(self._pidfd)
-        return status
+            if kill_group:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pid, signal.SIGKILL)
+            self._poll()
+        return self.status
 
     def send_signal(self, sig: int, *, group: bool = True) -> None:
         """Signal the child (and its process group) unless it was already reaped."""
