@@ -70,7 +70,11 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             plan.close()
         return 0
-    sink = FdSink.open(args.log) if args.log else FdSink(os.dup(sys.stdout.fileno()))
+    try:
+        sink = FdSink.open(args.log) if args.log else FdSink(os.dup(sys.stdout.fileno()))
+    except OSError as exc:
+        plan.close()
+        raise CapvisorError(f"--log {args.log}: {exc.strerror}") from exc
     try:
         status = trio.run(run_plan, plan, sink)
     finally:

@@ -53,6 +53,8 @@ class Child:
         self.pid = pid
         self._pidfd = pidfd
         self.status: ExitStatus | None = None
+        self._polling = False  # one task waits on the pidfd, the others park
+        self._waiters = trio.lowlevel.ParkingLot()
 
     @classmethod
     def spawn(cls, plan: LaunchPlan) -> Child:
@@ -76,19 +78,27 @@ class Child:
                 self._close_pidfd()
         return self.status
 
-    async def wait(self, *, kill_group: bool = True) -> ExitStatus:
-        """Wait until the child exits and reap it. Cancellation leaves it running.
+    async def wait(self) -> ExitStatus:
+        """Wait until the child exits and reap it; any number of tasks may wait.
 
-        With ``kill_group``, what is left of the child's process group is
-        killed before the child is reaped (while its zombie still reserves the
-        group id), so no descendant keeps running unobserved in it.
+        What is left of the child's process group is killed before the child
+        is reaped (while its zombie still reserves the group id), so no
+        descendant keeps running unobserved in it. Cancellation leaves the
+        child running.
         """
         while self.status is None:
-            await trio.lowlevel.wait_readable(self._pidfd)
-            if kill_group:
+            if self._polling:
+                await self._waiters.park()
+                continue
+            self._polling = True
+            try:
+                await trio.lowlevel.wait_readable(self._pidfd)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.pid, signal.SIGKILL)
-            self._poll()
+                self._poll()
+            finally:
+                self._polling = False
+                self._waiters.unpark_all()
         return self.status
 
     def send_signal(self, sig: int, *, group: bool = True) -> None:
@@ -154,18 +164,12 @@ async def run_plan(
             pipes = []
             if on_started is not None:
                 on_started(child)
-            with trio.open_signal_receiver(*stop_signals) as received:
-                watcher = trio.CancelScope()
-
-                async def stop_on_signal() -> None:
-                    with watcher:
-                        async for _ in received:
-                            await child.stop(plan.description.stop)
-                            return
-
-                nursery.start_soon(stop_on_signal)
-                status = await child.wait()
-                watcher.cancel()
+            watcher = trio.CancelScope()
+            if stop_signals:
+                stop = plan.description.stop
+                await nursery.start(_stop_on_signal, child, stop_signals, stop, watcher)
+            status = await child.wait()
+            watcher.cancel()
             # Grandchildren may still hold the pipes: drain for a bounded time.
             pumps.deadline = trio.current_time() + drain_grace
     finally:
@@ -181,3 +185,19 @@ async def _pump_all(pipes: list[LogPipe], sink: logs.LogSink, scope: trio.Cancel
         async with trio.open_nursery() as nursery:
             for pipe in pipes:
                 nursery.start_soon(logs.pump, pipe.read_fd, pipe.stream, sink)
+
+
+async def _stop_on_signal(
+    child: Child,
+    signals: Sequence[int],
+    policy: StopPolicy,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Stop ``child`` with ``policy`` at the first of ``signals``; until cancelled."""
+    with scope, trio.open_signal_receiver(*signals) as received:
+        task_status.started()
+        async for _ in received:
+            await child.stop(policy)
+            return

@@ -35,9 +35,6 @@ from .errors import (
 from .native import Rlimit, SpawnRequest
 from .runtime import runtime_set
 
-#: systemd's socket-activation variables (sd_listen_fds(3)).
-LISTEN_PID_PLACEHOLDER = "LISTEN_PID="
-
 _RLIMITS = {
     "as": resource.RLIMIT_AS,
     "core": resource.RLIMIT_CORE,
@@ -123,6 +120,7 @@ class LaunchPlan:
             rlimits=self.rlimits,
             landlock_ruleset_fd=self.ruleset.fd if self.ruleset else -1,
             seccomp_bpf=self.compiled_policy.bpf if self.compiled_policy else None,
+            listen_pid=len(self.placed) > 3,
         )
 
     def take_log_pipes(self) -> list[LogPipe]:
@@ -407,7 +405,6 @@ def _place(description: Description, resolver: _Resolver, program: str) -> Launc
         env += [
             f"LISTEN_FDS={len(listen)}",
             "LISTEN_FDNAMES=" + ":".join(p.name for p in listen),
-            LISTEN_PID_PLACEHOLDER,
         ]
     return LaunchPlan(
         description=description,

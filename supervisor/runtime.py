@@ -464,6 +464,12 @@ class _Builder:
 
     # -- the rest ------------------------------------------------------------
 
+    def devices(self) -> None:
+        """The devices any program may use: sinks and sources of nothing and of noise."""
+        for path, writable in HARMLESS_DEVICES:
+            if os.path.exists(path) and path not in self.entries:
+                self.entries[path] = (PathGrant(path, writable, reason="harmless device"), False)
+
     def locale(self) -> None:
         if _needs_locale(self.env) and os.path.isdir(LOCALE_DIR):
             self.add(LOCALE_DIR, "locale", is_dir=True)
@@ -477,8 +483,23 @@ class _Builder:
                     f"runtime path {path}: {real} is never part of the runtime set"
                     " (use a !mount or !file capability)",
                 )
-            if real not in self.entries:
+            if os.path.isfile(real) and os.access(real, os.X_OK):
+                # A program the described one runs (a shell's `cat`): its own
+                # interpreter and libraries come with it.
+                self.program(path, reason=REASON_EXTRA, depth=0)
+            elif real not in self.entries:
                 self.entries[real] = (PathGrant(path, False, reason=REASON_EXTRA), False)
+
+
+#: Character devices every program gets (a shell opens /dev/null for a
+#: background job's stdin): (path, writable).
+HARMLESS_DEVICES = (
+    ("/dev/null", True),
+    ("/dev/zero", True),
+    ("/dev/full", True),
+    ("/dev/random", False),
+    ("/dev/urandom", False),
+)
 
 
 def _read_ld_so_conf(path: str, dirs: list[str], seen: set[str]) -> None:
@@ -536,7 +557,8 @@ def runtime_set(
     ``/usr/local/bin:/usr/bin:/bin``) resolves ``#!/usr/bin/env NAME``, its
     LD_LIBRARY_PATH joins the library search, its LANG/LC_* decide the locale
     tree. ``extra`` (the description's ``runtime:`` list) is added with reason
-    ``"runtime (description)"``, kept as written; it is opened (and a missing
+    ``"runtime (description)"``, kept as written (an executable file among
+    them brings its own runtime set, like the program's); it is opened (and a missing
     path reported) only by :func:`~supervisor.landlock.build_ruleset`.
 
     Results are cached per program path, env and extra, and reused while the
@@ -563,6 +585,7 @@ def runtime_set(
         return hit[1]
     builder = _Builder(env)
     builder.program(program, reason="program", depth=0)
+    builder.devices()
     builder.locale()
     builder.extra(extra)
     result = RuntimeSet(builder.grants(), tuple(builder.unresolved))

@@ -198,12 +198,12 @@ def test_only_granted_fds_exist(capvisor: Capvisor, work: Path) -> None:
         pass_fds=(leaked_r, leaked_w),
     )
     try:
-        child_pid = _wait_for_child(proc.pid, PYTHON)
+        assert proc.stdout is not None and proc.stdin is not None
+        first = proc.stdout.readline()  # the program has exec'd and is now blocked on stdin
+        child_pid = _child_of(proc.pid)
         assert sorted(int(fd) for fd in os.listdir(f"/proc/{child_pid}/fd")) == [0, 1, 2, 3, 4]
-        assert proc.stdin is not None
-        proc.stdin.write(b"x")
-        proc.stdin.close()
-        stdout, stderr = proc.communicate(timeout=30)
+        rest, stderr = proc.communicate(input=b"x", timeout=30)
+        stdout = first + rest
     finally:
         proc.kill()
         os.close(leaked_r)
@@ -212,21 +212,13 @@ def test_only_granted_fds_exist(capvisor: Capvisor, work: Path) -> None:
     assert stream_bytes(stdout, "stdout") == b"[0, 1, 2, 3, 4]\n"
 
 
-def _wait_for_child(parent: int, exe: str, timeout: float = 20) -> int:
-    """The pid of ``parent``'s child process (capvisor's program)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for task in os.listdir(f"/proc/{parent}/task"):
-            children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
-            for pid in children:
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except FileNotFoundError:
-                    continue
-                if cmdline.startswith(exe.encode()) or b"-c" in cmdline:
-                    return int(pid)
-        time.sleep(0.02)
-    raise AssertionError("capvisor's child did not appear")
+def _child_of(parent: int) -> int:
+    """The pid of ``parent``'s only child process (capvisor's program)."""
+    children = []
+    for task in os.listdir(f"/proc/{parent}/task"):
+        children += Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
 
 
 def test_listen_fds_names_and_pid(capvisor: Capvisor, work: Path) -> None:
@@ -248,7 +240,7 @@ def test_listen_fds_names_and_pid(capvisor: Capvisor, work: Path) -> None:
     result = capvisor.run(desc)
     assert result.returncode == 0, result.stderr
     assert out(result).splitlines() == [
-        "4 config:data.v2:args.1:env.MY_FD",
+        "4 config:data.v2:args.2:env.MY_FD",
         "True",
         "['5'] 6",
     ]
@@ -403,7 +395,8 @@ def test_rlimits_apply(capvisor: Capvisor, work: Path) -> None:
             print(resource.getrlimit(resource.RLIMIT_CPU))
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             try:
-                os.write(3, b"x" * 5000)
+                while True:
+                    os.write(3, b"x" * 1000)
             except OSError as e:
                 print(errno.errorcode[e.errno])
             try:
@@ -469,8 +462,10 @@ def test_stop_signal_then_kill(capvisor: Capvisor, work: Path, signum: int) -> N
     desc = capvisor.describe(
         "program: /bin/sh\n"
         "args: [-c, 'trap \"echo got TERM\" TERM; echo ready; while :; do sleep 0.05; done']\n"
+        "runtime: [/bin/sleep]\n"
         "stop: {signal: TERM, timeout: 1s}\n"
     )
+    capvisor.user.own(work)
     log = work / "log"
     proc = capvisor.popen(desc, "--log", str(log), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -529,6 +524,12 @@ def test_bad_descriptions_give_one_clear_error(
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == b""
+
+
+def test_unwritable_log_is_a_clear_error(capvisor: Capvisor, work: Path) -> None:
+    result = capvisor.run(capvisor.describe("program: /bin/true\n"), "--log", "/nonexistent/dir/log")
+    assert result.returncode == 125
+    assert result.stderr == "capvisor: --log /nonexistent/dir/log: No such file or directory\n"
 
 
 def test_hello_example(capvisor: Capvisor) -> None:
