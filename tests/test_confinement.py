@@ -527,7 +527,9 @@ def test_bad_descriptions_give_one_clear_error(
 
 
 def test_unwritable_log_is_a_clear_error(capvisor: Capvisor, work: Path) -> None:
-    result = capvisor.run(capvisor.describe("program: /bin/true\n"), "--log", "/nonexistent/dir/log")
+    result = capvisor.run(
+        capvisor.describe("program: /bin/true\n"), "--log", "/nonexistent/dir/log"
+    )
     assert result.returncode == 125
     assert result.stderr == "capvisor: --log /nonexistent/dir/log: No such file or directory\n"
 
