@@ -70,8 +70,20 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             plan.close()
         return 0
+
+    def log_failed(exc: OSError) -> None:
+        where = args.log or "standard output"
+        print(
+            f"capvisor: writing the log to {where} failed: {exc.strerror}; "
+            "the program keeps running, its further output is dropped",
+            file=sys.stderr,
+        )
+
     try:
-        sink = FdSink.open(args.log) if args.log else FdSink(os.dup(sys.stdout.fileno()))
+        if args.log:
+            sink = FdSink.open(args.log, on_error=log_failed)
+        else:
+            sink = FdSink(os.dup(sys.stdout.fileno()), on_error=log_failed)
     except OSError as exc:
         plan.close()
         raise CapvisorError(f"--log {args.log}: {exc.strerror}") from exc

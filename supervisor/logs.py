@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -108,21 +109,36 @@ class LogSink(Protocol):
 
 
 class FdSink:
-    """Appends records to an fd (a file opened O_APPEND, or capvisor's stdout)."""
+    """Appends records to an fd (a file opened O_APPEND, or capvisor's stdout).
 
-    def __init__(self, fd: int) -> None:
+    A write error (the reader of capvisor's stdout went away: EPIPE) does not
+    stop supervision: it is reported once through ``on_error`` and later
+    records are dropped, so the program's pipes keep draining and it never
+    blocks on them. (Recovering from ENOSPC is the logs issue's.)
+    """
+
+    def __init__(self, fd: int, on_error: Callable[[OSError], None] | None = None) -> None:
         self.fd = fd
+        self.error: OSError | None = None
+        self._on_error = on_error
 
     @classmethod
-    def open(cls, path: str) -> FdSink:
+    def open(cls, path: str, on_error: Callable[[OSError], None] | None = None) -> FdSink:
         """A sink appending to ``path``, created 0640 if missing."""
-        return cls(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        return cls(os.open(path, flags, 0o640), on_error)
 
     def write(self, records: bytes) -> None:
+        if self.error is not None:
+            return
         view = memoryview(records)
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            self.error = exc
+            if self._on_error is not None:
+                self._on_error(exc)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1

@@ -534,6 +534,25 @@ def test_unwritable_log_is_a_clear_error(capvisor: Capvisor, work: Path) -> None
     assert result.stderr == "capvisor: --log /nonexistent/dir/log: No such file or directory\n"
 
 
+def test_log_reader_going_away_does_not_stop_supervision(capvisor: Capvisor, work: Path) -> None:
+    """`capvisor run … | head -1`: EPIPE on the log is reported once; the program runs to its end."""
+    capvisor.user.own(work)
+    desc = capvisor.describe(
+        "program: /bin/sh\n"
+        "args: [-c, 'echo first; sleep 0.3; i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done; "
+        "echo finished >&2; exit 3']\n"
+        "runtime: [/bin/sleep]\n"
+    )
+    proc = capvisor.popen(desc, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert b"stdout F first" in proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=30) == 3
+    assert "Traceback" not in stderr and "internal error" not in stderr
+    assert stderr.count("writing the log to standard output failed: Broken pipe") == 1
+
+
 def test_hello_example(capvisor: Capvisor) -> None:
     example = Path(__file__).resolve().parent.parent / "examples" / "hello.yaml"
     mode = example.parent.stat().st_mode
