@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno as errno_module
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: Exit code for errors capvisor itself detects (bad description, policy,
@@ -68,6 +68,7 @@ class ProblemsError(CapvisorError):
 
     @classmethod
     def single(cls, location: Location | None, message: str) -> ProblemsError:
+        """An error with just one problem."""
         return cls([Problem(location, message)])
 
 
@@ -128,8 +129,3 @@ class SpawnError(CapvisorError):
             self.exit_code = EXIT_NOT_FOUND
         elif step == "execve" and errno in (errno_module.EACCES, errno_module.ENOEXEC):
             self.exit_code = EXIT_CANNOT_EXECUTE
-
-
-def format_problems(problems: Sequence[Problem]) -> str:
-    """One line per problem, in file order."""
-    return "\n".join(str(p) for p in problems)

@@ -336,7 +336,6 @@ def resolve(
     description: Description,
     *,
     mounts: Mapping[str, HostMount] | None = None,
-    require_landlock: bool | None = None,
 ) -> LaunchPlan:
     """Open every capability of ``description`` and compile its confinement.
 
