@@ -23,7 +23,7 @@ import trio
 
 from . import __version__
 from .description import load_description
-from .errors import CapvisorError, ProblemsError
+from .errors import EXIT_CAPVISOR, CapvisorError, ProblemsError
 from .logs import FdSink
 from .process import run_plan
 from .resolve import resolve
@@ -102,7 +102,7 @@ def _check(args: argparse.Namespace) -> int:
         except ProblemsError as exc:
             failed = True
             print(exc, file=sys.stderr)
-    return 125 if failed else 0
+    return EXIT_CAPVISOR if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -177,7 +177,7 @@ def _drain_nonblocking(fd: int, framer: Framer, sink: LogSink) -> None:
     while True:
         try:
             chunk = os.read(fd, READ_SIZE)
-        except (BlockingIOError, OSError):
+        except OSError:  # BlockingIOError included: the pipe is empty
             return
         if not chunk:
             return
