@@ -18,6 +18,12 @@ spawn-and-wait:
                 fd placement), as a supervisor restarting a program does;
 - capvisor+resolve  resolve the description (policy and runtime set cached,
                 Landlock ruleset and fds built anew) then spawn: the whole path.
+- capvisor/no-seccomp  the prepared request without a filter, and
+  capvisor/POLICY  with each shipped policy's filter instead of the
+                description's (default, compute, service, python, shell):
+                the difference is the per-spawn cost of installing that
+                policy (issue 3). capvisor/default+audit adds audit mode's
+                listener hand-over (no call of /bin/true is denied).
 
 Then the same again with a ballast of touched memory in this process.
 """
@@ -25,6 +31,7 @@ Then the same again with a ballast of touched memory in this process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -32,7 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from supervisor import native
+from supervisor import native, policy, seccomp_notify
 from supervisor.description import load_description
 from supervisor.resolve import resolve
 
@@ -79,6 +86,35 @@ def make_capvisor(description: Path) -> tuple[Thunk, Thunk, Thunk]:
     return prepared, full, plan.close
 
 
+SHIPPED_POLICIES = ("default", "compute", "service", "python", "shell")
+
+
+def policy_variants(description: Path) -> tuple[dict[str, Thunk], Thunk]:
+    """The prepared spawn with no filter, with each shipped policy, and with audit."""
+    plan = resolve(load_description(description))
+    base = plan.spawn_request()
+
+    def spawner(request: native.SpawnRequest) -> Thunk:
+        def run() -> None:
+            child = native.spawn(request)
+            os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED)
+            os.close(child.pidfd)
+            if child.listener >= 0:
+                os.close(child.listener)
+
+        return run
+
+    variants = {"capvisor/no-seccomp": spawner(dataclasses.replace(base, seccomp_bpf=None))}
+    for name in SHIPPED_POLICIES:
+        bpf = policy.compiled(name).bpf
+        variants[f"capvisor/{name}"] = spawner(dataclasses.replace(base, seccomp_bpf=bpf))
+    audited = seccomp_notify.audit_program(policy.compiled("default"), chan=len(base.fds))
+    variants["capvisor/default+audit"] = spawner(
+        dataclasses.replace(base, seccomp_bpf=audited, seccomp_listener=True)
+    )
+    return variants, plan.close
+
+
 def measure(variants: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for fn in variants.values():  # warm caches
@@ -115,10 +151,12 @@ def main() -> None:
             "fds: {a: !file {path: /dev/null}, b: !file {path: /dev/null}}\n"
         )
         prepared, full, close = make_capvisor(description)
+        per_policy, close_policies = policy_variants(description)
         variants = {
             "posix_spawn": posix_spawn,
             "capvisor": prepared,
             "capvisor+resolve": full,
+            **per_policy,
         }
         forking = {"fork+exec": fork_exec}
         try:
@@ -128,6 +166,7 @@ def main() -> None:
             del held
         finally:
             close()
+            close_policies()
 
     base_small, base_big = small["posix_spawn"], big["posix_spawn"]
     print(f"spawn+wait of {TRUE}, median of {args.rounds} interleaved rounds (µs)")

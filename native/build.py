@@ -26,9 +26,11 @@ ROOT = NATIVE.parent
 # Must agree with native/spawn.h (checked by the compiler).
 CDEF = """
 enum cv_step {
-    CV_STEP_SOCKETPAIR, CV_STEP_CLONE, CV_STEP_SIGNALS, CV_STEP_FDS,
-    CV_STEP_CHDIR, CV_STEP_SETSID, CV_STEP_RLIMITS, CV_STEP_NO_NEW_PRIVS,
-    CV_STEP_LANDLOCK, CV_STEP_SECCOMP, CV_STEP_EXECVE, CV_STEP_COUNT
+    CV_STEP_SOCKETPAIR, CV_STEP_CLONE, CV_STEP_SIGNALS, CV_STEP_CGROUP,
+    CV_STEP_FDS, CV_STEP_CHDIR, CV_STEP_SETSID, CV_STEP_PDEATHSIG,
+    CV_STEP_RLIMITS, CV_STEP_CAPABILITIES, CV_STEP_NO_NEW_PRIVS, CV_STEP_LANDLOCK,
+    CV_STEP_SECCOMP,
+    CV_STEP_EXECVE, CV_STEP_COUNT
 };
 
 struct cv_rlimit {
@@ -51,13 +53,19 @@ struct cv_spawn_args {
     const void *seccomp_bpf;
     unsigned int seccomp_len;
     char *listen_pid;
+    int seccomp_listener;
+    int cgroup_procs_fd;
+    int parent_death_signal;
 };
+
+#define CV_LISTENER_MSG_FLAGS ...
 
 struct cv_spawn_result {
     int pid;
     int pidfd;
     int step;
     int err;
+    int listener;
 };
 
 int cv_spawn(const struct cv_spawn_args *a, struct cv_spawn_result *r);

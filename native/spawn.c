@@ -8,16 +8,22 @@
  *   socketpair -> failure channel
  *   block every signal
  *   clone(CLONE_VM|CLONE_VFORK|   ---->  reset signal dispositions, empty mask
- *         CLONE_PIDFD)                   place fds, close the rest
- *     (this thread sleeps until          chdir, setsid, setrlimit
- *      the child execs or exits)         no_new_privs, landlock, seccomp
+ *         CLONE_PIDFD)                   into its cgroup (optional)
+ *                                        place fds, close the rest
+ *     (this thread sleeps until          chdir, setsid, PDEATHSIG (optional),
+ *      the child execs or exits)         setrlimit, drop capabilities
+ *                                        no_new_privs, landlock, seccomp
+ *                                          (with a listener: send it on
+ *                                          the channel, see send_listener)
  *                                        execve
  *                                          on any failure: write
  *                                          {step, errno} to the channel,
  *                                          _exit(127)
  *   restore the signal mask
- *   read the channel: a report means failure -> reap the child, close
- *   the pidfd, return the step; no report means execve succeeded.
+ *   read the channel: the listener (step -1, SCM_RIGHTS) first if one
+ *   was asked for; a report means failure -> reap the child, close the
+ *   pidfd and the listener, return the step; no report means execve
+ *   succeeded.
  *
  * Why clone(CLONE_VM | CLONE_VFORK) and not fork(): the child borrows the
  * parent's address space instead of copying its page tables, so the cost
@@ -36,6 +42,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <linux/filter.h>
 #include <sched.h>
 #include <signal.h>
@@ -63,6 +70,7 @@
 #error "SYS_seccomp is not defined: the system headers are too old"
 #endif
 #define CV_SECCOMP_SET_MODE_FILTER 1
+#define CV_SECCOMP_FILTER_FLAG_NEW_LISTENER (1UL << 3)
 #ifndef CLONE_PIDFD
 #define CLONE_PIDFD 0x00001000
 #endif
@@ -85,10 +93,13 @@ static const char *const step_names[CV_STEP_COUNT] = {
 	[CV_STEP_CHDIR] = "chdir",
 	[CV_STEP_SETSID] = "setsid",
 	[CV_STEP_RLIMITS] = "rlimits",
+	[CV_STEP_CAPABILITIES] = "capabilities",
 	[CV_STEP_NO_NEW_PRIVS] = "no_new_privs",
 	[CV_STEP_LANDLOCK] = "landlock",
 	[CV_STEP_SECCOMP] = "seccomp",
 	[CV_STEP_EXECVE] = "execve",
+	[CV_STEP_CGROUP] = "cgroup",
+	[CV_STEP_PDEATHSIG] = "pdeathsig",
 };
 
 const char *cv_step_name(int step)
@@ -114,6 +125,7 @@ struct child {
 	int base;     /* above every target and every source fd, >= nfds + 2 */
 	int *copies;  /* nfds slots of scratch for place_fds() */
 	int sigrtmin; /* first signal not reserved by glibc */
+	int parent;   /* the caller's pid, to notice it died before PDEATHSIG */
 };
 
 /* Record a failed step. Call it right after the failing call: it reads
@@ -263,6 +275,49 @@ static int set_rlimits(const struct cv_spawn_args *a, struct report *rep)
 	return 0;
 }
 
+/*
+ * Step "capabilities": the program gets no capability, whoever runs the
+ * supervisor. A root supervisor's child would otherwise keep all of root's
+ * (CAP_SYS_RESOURCE lifts rlimits, CAP_DAC_OVERRIDE ignores file modes,
+ * ...). With CAP_SETPCAP (root): empty the bounding set, and lock the
+ * securebits so that neither execve of a root-owned or setuid-root program
+ * nor a uid change gives any back (SECBIT_NOROOT, NO_SETUID_FIXUP,
+ * KEEP_CAPS, NO_CAP_AMBIENT_RAISE, each with its lock). Then, for
+ * everyone, clear the ambient set and empty permitted, effective and
+ * inheritable. An unprivileged caller has nothing to drop but its ambient
+ * set, and no_new_privs (next step) keeps execve from granting file caps.
+ */
+#define CV_SECUREBITS_ALL_LOCKED 0xff /* bits 0-7: four flags, four locks */
+static int drop_capabilities(struct report *rep)
+{
+	struct __user_cap_header_struct head = {
+		.version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+	struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+
+	memset(data, 0, sizeof data);
+	if (syscall(SYS_capget, &head, data) < 0)
+		return fail(rep, CV_STEP_CAPABILITIES);
+	if (data[CAP_TO_INDEX(CAP_SETPCAP)].effective & CAP_TO_MASK(CAP_SETPCAP)) {
+		for (int cap = 0;; cap++) {
+			if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0)
+				continue;
+			if (errno == EINVAL) /* past the last capability */
+				break;
+			return fail(rep, CV_STEP_CAPABILITIES);
+		}
+		if (prctl(PR_SET_SECUREBITS, CV_SECUREBITS_ALL_LOCKED, 0, 0, 0) < 0)
+			return fail(rep, CV_STEP_CAPABILITIES);
+	}
+	/* EINVAL: a kernel without ambient capabilities (< 4.3), none to clear. */
+	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 &&
+	    errno != EINVAL)
+		return fail(rep, CV_STEP_CAPABILITIES);
+	memset(data, 0, sizeof data);
+	if (syscall(SYS_capset, &head, data) < 0)
+		return fail(rep, CV_STEP_CAPABILITIES);
+	return 0;
+}
+
 /* Step "landlock": enforce the ruleset on ourselves, then drop its fd. */
 static int restrict_self(int *ruleset, struct report *rep)
 {
@@ -273,18 +328,76 @@ static int restrict_self(int *ruleset, struct report *rep)
 	return 0;
 }
 
+/*
+ * Hand the seccomp listener to the parent: one message on the channel, a
+ * report with step -1 carrying the fd with SCM_RIGHTS.
+ *
+ * Why this way. A filter with SECCOMP_RET_USER_NOTIF suspends each notified
+ * call until someone answers on the listener fd, and only the supervisor can
+ * answer. But the parent thread that could pick the fd up is asleep in
+ * clone(CLONE_VFORK) until this child execs or exits, and the fd lives in
+ * the child's own fd table (no CLONE_FILES). So the child must push the fd
+ * to the parent with no help from it, and none of the calls it makes from
+ * the install to execve may be notified, or nobody would ever answer:
+ *
+ *   seccomp(NEW_LISTENER)  the install itself, not filtered yet
+ *   sendmsg(chan, CV_LISTENER_MSG_FLAGS)   queued on the channel; the
+ *                          parent reads it after clone() returns
+ *   execve                 the program; on failure write(chan), exit_group
+ *
+ * The filter is compiled in Python (supervisor/seccomp_notify.py) with a
+ * prefix that allows exactly these: sendmsg and write on fd nfds (where
+ * place_fds() put the channel) with those flags, exit_group, and, for the
+ * recording filter of `policy learn`, execve. The listener is O_CLOEXEC, so
+ * execve closes the child's copy; the channel is SOCK_SEQPACKET, so the
+ * message and a later failure report stay apart.
+ */
+static int send_listener(int chan, int listener, struct report *rep)
+{
+	struct report hello = { .step = -1, .err = 0 };
+	struct iovec iov = { .iov_base = &hello, .iov_len = sizeof hello };
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} control;
+	struct msghdr msg;
+	struct cmsghdr *cmsg;
+
+	memset(&control, 0, sizeof control);
+	memset(&msg, 0, sizeof msg);
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	msg.msg_control = control.buf;
+	msg.msg_controllen = sizeof control.buf;
+	cmsg = CMSG_FIRSTHDR(&msg);
+	cmsg->cmsg_level = SOL_SOCKET;
+	cmsg->cmsg_type = SCM_RIGHTS;
+	cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cmsg), &listener, sizeof(int));
+	if (sendmsg(chan, &msg, CV_LISTENER_MSG_FLAGS) < 0)
+		return fail(rep, CV_STEP_SECCOMP);
+	return 0;
+}
+
 /* Step "seccomp": install the filter the parent compiled. Last before
  * execve, so that it only has to allow what execve and the program need
- * (and the write of a failure report). */
-static int install_seccomp(const struct cv_spawn_args *a, struct report *rep)
+ * (and the write of a failure report). With seccomp_listener, also hand
+ * the listener to the parent (send_listener). */
+static int install_seccomp(const struct cv_spawn_args *a, int chan,
+			   struct report *rep)
 {
 	struct sock_fprog prog = {
 		.len = (unsigned short)a->seccomp_len,
 		.filter = (struct sock_filter *)a->seccomp_bpf,
 	};
+	unsigned long flags = a->seccomp_listener ? CV_SECCOMP_FILTER_FLAG_NEW_LISTENER : 0;
+	long listener;
 
-	if (syscall(SYS_seccomp, CV_SECCOMP_SET_MODE_FILTER, 0, &prog) < 0)
+	listener = syscall(SYS_seccomp, CV_SECCOMP_SET_MODE_FILTER, flags, &prog);
+	if (listener < 0)
 		return fail(rep, CV_STEP_SECCOMP);
+	if (a->seccomp_listener)
+		return send_listener(chan, (int)listener, rep);
 	return 0;
 }
 
@@ -321,6 +434,11 @@ static void child_setup(const struct child *c, int *chan, struct report *rep)
 
 	if (reset_signals(c, rep) < 0)
 		return;
+	/* Into the program's cgroup while its fd is still open (service). */
+	if (a->cgroup_procs_fd >= 0 && write(a->cgroup_procs_fd, "0", 1) != 1) {
+		fail(rep, CV_STEP_CGROUP);
+		return;
+	}
 	if (place_fds(c, chan, &ruleset, rep) < 0)
 		return;
 	if (a->cwd != NULL && chdir(a->cwd) < 0) {
@@ -331,9 +449,20 @@ static void child_setup(const struct child *c, int *chan, struct report *rep)
 		fail(rep, CV_STEP_SETSID);
 		return;
 	}
+	/* Die with the supervisor (service); if it is already gone, now. */
+	if (a->parent_death_signal > 0) {
+		if (prctl(PR_SET_PDEATHSIG, a->parent_death_signal, 0, 0, 0) < 0) {
+			fail(rep, CV_STEP_PDEATHSIG);
+			return;
+		}
+		if (getppid() != c->parent)
+			_exit(127);
+	}
 	if (a->listen_pid != NULL)
 		write_listen_pid(a->listen_pid);
 	if (set_rlimits(a, rep) < 0)
+		return;
+	if (drop_capabilities(rep) < 0)
 		return;
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) {
 		fail(rep, CV_STEP_NO_NEW_PRIVS);
@@ -341,7 +470,7 @@ static void child_setup(const struct child *c, int *chan, struct report *rep)
 	}
 	if (ruleset >= 0 && restrict_self(&ruleset, rep) < 0)
 		return;
-	if (a->seccomp_len > 0 && install_seccomp(a, rep) < 0)
+	if (a->seccomp_len > 0 && install_seccomp(a, *chan, rep) < 0)
 		return;
 	execve(a->path, a->argv, a->envp);
 	fail(rep, CV_STEP_EXECVE);
@@ -369,16 +498,49 @@ static int parent_fail(struct cv_spawn_result *r, int step, int err)
 	return -1;
 }
 
+/* Read one message from the channel without waiting; an fd passed with it
+ * (the seccomp listener) is stored in *listener. Returns recvmsg's result. */
+static ssize_t read_report(int chan, struct report *rep, int *listener)
+{
+	struct iovec iov = { .iov_base = rep, .iov_len = sizeof *rep };
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} control;
+	struct msghdr msg;
+	struct cmsghdr *cmsg;
+	ssize_t got;
+
+	memset(&msg, 0, sizeof msg);
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	msg.msg_control = control.buf;
+	msg.msg_controllen = sizeof control.buf;
+	do
+		got = recvmsg(chan, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+	while (got < 0 && errno == EINTR);
+	for (cmsg = got < 0 ? NULL : CMSG_FIRSTHDR(&msg); cmsg != NULL;
+	     cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+		if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS &&
+		    cmsg->cmsg_len == CMSG_LEN(sizeof(int))) {
+			if (*listener >= 0)
+				close(*listener);
+			memcpy(listener, CMSG_DATA(cmsg), sizeof(int));
+		}
+	}
+	return got;
+}
+
 int cv_spawn(const struct cv_spawn_args *a, struct cv_spawn_result *r)
 {
-	struct child c = { .a = a, .copies = NULL };
+	struct child c = { .a = a, .copies = NULL, .parent = getpid() };
 	sigset_t all, old;
 	struct report rep;
-	int sv[2], pidfd = -1, pid, err, max_source = -1;
+	int sv[2], pidfd = -1, pid, err, max_source = -1, listener = -1;
 	char *stack;
 	ssize_t got;
 
-	r->pid = r->pidfd = r->step = -1;
+	r->pid = r->pidfd = r->step = r->listener = -1;
 	r->err = 0;
 
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
@@ -454,18 +616,22 @@ int cv_spawn(const struct cv_spawn_args *a, struct cv_spawn_result *r)
 	 * already queued: read without waiting. Waiting for EOF instead
 	 * would also work, but EOF needs every copy of the write end closed,
 	 * and a fork() in another thread of the parent since socketpair()
-	 * holds one (until that process execs or exits).
+	 * holds one (until that process execs or exits). A seccomp listener
+	 * (step -1, see send_listener) comes first.
 	 */
-	do
-		got = recv(sv[0], &rep, sizeof rep, MSG_DONTWAIT);
-	while (got < 0 && errno == EINTR);
+	got = read_report(sv[0], &rep, &listener);
+	if (got == (ssize_t)sizeof rep && rep.step == -1)
+		got = read_report(sv[0], &rep, &listener);
 	close(sv[0]);
-	if (got != (ssize_t)sizeof rep) {
+	if (got != (ssize_t)sizeof rep || rep.step == -1) {
 		/* No report (EAGAIN or EOF): execve succeeded. */
 		r->pid = pid;
 		r->pidfd = pidfd;
+		r->listener = listener;
 		return 0;
 	}
+	if (listener >= 0)
+		close(listener);
 
 	/* The child has exited (_exit(127)); reap it so it is no zombie. */
 	{

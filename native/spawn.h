@@ -23,10 +23,13 @@ enum cv_step {
 	CV_STEP_SOCKETPAIR,   /* parent: create the failure channel */
 	CV_STEP_CLONE,        /* parent: child stack, clone() */
 	CV_STEP_SIGNALS,      /* child: default dispositions, empty mask */
+	CV_STEP_CGROUP,       /* child: write "0" to cgroup_procs_fd (service) */
 	CV_STEP_FDS,          /* child: fds[i] -> i, close everything else */
 	CV_STEP_CHDIR,        /* child: chdir(cwd) */
 	CV_STEP_SETSID,       /* child: setsid() */
+	CV_STEP_PDEATHSIG,    /* child: prctl(PR_SET_PDEATHSIG) (service) */
 	CV_STEP_RLIMITS,      /* child: setrlimit() for each limit */
+	CV_STEP_CAPABILITIES, /* child: drop every capability (see spawn.c) */
 	CV_STEP_NO_NEW_PRIVS, /* child: prctl(PR_SET_NO_NEW_PRIVS) */
 	CV_STEP_LANDLOCK,     /* child: landlock_restrict_self(ruleset) */
 	CV_STEP_SECCOMP,      /* child: seccomp(SET_MODE_FILTER) */
@@ -58,16 +61,33 @@ struct cv_spawn_args {
 	unsigned int seccomp_len;  /* instructions; 0: no filter */
 	char *listen_pid;          /* NULL, or an envp entry "LISTEN_PID=" with room
 	                              for 20 digits: the child writes its pid there */
+	int seccomp_listener;      /* nonzero: install the filter with
+	                              SECCOMP_FILTER_FLAG_NEW_LISTENER and hand the
+	                              listener fd to the caller (see spawn.c) */
+	int cgroup_procs_fd;       /* >= 0: an O_WRONLY fd of a cgroup v2
+	                              cgroup.procs; the child moves itself there
+	                              before anything else (service, issue 6) */
+	int parent_death_signal;   /* > 0: PR_SET_PDEATHSIG with this signal, so
+	                              the child dies with the spawning thread */
 };
 
-/* The outcome. On success pid and pidfd (O_CLOEXEC, owned by the caller)
- * are set and step is -1; on failure step and err are set, pid and pidfd
- * are -1, and nothing is left behind: no fd, no zombie. */
+/* The sendmsg() flags of the one message that carries the listener fd. A
+ * filter installed with seccomp_listener must let the child's
+ * sendmsg(chan, msg, CV_LISTENER_MSG_FLAGS) and write(chan, ...) through
+ * (chan is fd nfds), and execve and exit_group too if it notifies them. */
+#define CV_LISTENER_MSG_FLAGS 0x4040 /* MSG_NOSIGNAL | MSG_DONTWAIT */
+
+/* The outcome. On success pid and pidfd (O_CLOEXEC, owned by the caller),
+ * and listener when asked for, are set and step is -1; on failure step and
+ * err are set, pid, pidfd and listener are -1, and nothing is left behind:
+ * no fd, no zombie. */
 struct cv_spawn_result {
 	int pid;
 	int pidfd;
 	int step;
 	int err;
+	int listener;              /* the seccomp listener (O_CLOEXEC, owned by
+	                              the caller), or -1 */
 };
 
 /* Returns 0 on success, -1 on failure (see struct cv_spawn_result). */

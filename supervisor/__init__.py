@@ -9,6 +9,8 @@ Data flow (DESIGN.md §2), one module per step::
     native.py                  LaunchPlan -> child (cffi helper: place fds, lock down, execve)
     process.py                 trio: wait on the pidfd, stop, run one program
     logs.py                    child pipes -> CRI-format log records
+      logfile.py                 records -> log files: full disks, reopen, rotation
+      logread.py                 log files -> lines (`capvisor logs`)
     cli.py                     the `capvisor` command
 """
 

@@ -22,11 +22,18 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
+from .cli_service import log_lookup
+from .cli_service import register as register_service
+from .cri.cli import register as register_cri
 from .description import load_description
-from .errors import EXIT_CAPVISOR, CapvisorError, ProblemsError
-from .logs import FdSink
+from .errors import EXIT_CAPVISOR, CapvisorError, ConfinementError, ProblemsError
+from .logfile import FdSink, LogEvent, LogFile, reopen_on_signals
+from .logs_cli import register as register_logs
+from .policy_cli import register as register_policy
 from .process import run_plan
 from .resolve import resolve
+from .switchboard_cli import register as register_switchboard
+from .switchboard_cli import root_handle as switchboard_handle
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
@@ -52,17 +59,47 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the effective confinement as JSON and exit without running",
     )
+    run.add_argument(
+        "--switchboard",
+        metavar="PATH",
+        help="resolve !server, !client and !connect with the broker whose root socket is PATH",
+    )
+    run.add_argument(
+        "--audit",
+        action="store_true",
+        help="report every syscall the policy denies in the program's log (docs/policies.md)",
+    )
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("check", help="check program descriptions without running them")
     check.add_argument("descriptions", nargs="+", metavar="FILE")
     check.set_defaults(handler=_check)
+    register_logs(commands, lookup=log_lookup)
+    register_service(commands)
+    register_switchboard(commands)
+    register_cri(commands)
+    register_policy(commands)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
     description = load_description(args.description)
-    plan = resolve(description)
+    if args.switchboard:
+        with switchboard_handle(args.switchboard) as board:
+            plan = resolve(description, switchboard=board)
+    else:
+        plan = resolve(description)
+    plan.audit = plan.audit or args.audit
+    for key in description.cgroup_limits:  # fail closed, like a missing kernel layer
+        missing = f"limits.{key}: not applied: `run` makes no cgroup (`up` does)"
+        if description.degrade != "allow":
+            plan.close()
+            raise ConfinementError(
+                f"{description.at('limits')}: {missing}; set `degrade: allow` to run without it"
+            )
+        plan.degraded.append(missing)
+        if not args.report:
+            print(f"capvisor: {missing}", file=sys.stderr)
     if args.report:
         try:
             json.dump(plan.report(), sys.stdout, indent=2)
@@ -71,27 +108,38 @@ def _run(args: argparse.Namespace) -> int:
             plan.close()
         return 0
 
-    def log_failed(exc: OSError) -> None:
-        where = args.log or "standard output"
-        print(
-            f"capvisor: writing the log to {where} failed: {exc.strerror}; "
-            "the program keeps running, its further output is dropped",
-            file=sys.stderr,
-        )
+    def log_event(event: LogEvent) -> None:
+        if event.kind != "rotated":
+            print(f"capvisor: {event}", file=sys.stderr, flush=True)
 
+    settings = plan.description.log
+    path = args.log or (str(plan.description.directory / settings.path) if settings.path else None)
+    sink: FdSink
     try:
-        if args.log:
-            sink = FdSink.open(args.log, on_error=log_failed)
+        if path:
+            sink = LogFile(
+                path,
+                max_size=settings.max_size,
+                max_files=settings.max_files,
+                on_event=log_event,
+            )
         else:
-            sink = FdSink(os.dup(sys.stdout.fileno()), on_error=log_failed)
+            sink = FdSink(os.dup(sys.stdout.fileno()), on_event=log_event)
     except OSError as exc:
         plan.close()
-        raise CapvisorError(f"--log {args.log}: {exc.strerror}") from exc
+        where = f"--log {args.log}" if args.log else f"{plan.description.at('log')}: log {path}"
+        raise CapvisorError(f"{where}: {exc.strerror}") from exc
+
+    async def supervise() -> int:
+        if isinstance(sink, LogFile):  # SIGHUP: reopen the log (after rotation by others)
+            async with reopen_on_signals(sink):
+                return (await run_plan(plan, sink)).shell_code
+        return (await run_plan(plan, sink)).shell_code
+
     try:
-        status = trio.run(run_plan, plan, sink)
+        return trio.run(supervise)
     finally:
         sink.close()
-    return status.shell_code
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -52,6 +52,8 @@ TOP_LEVEL_KEYS = (
     "degrade",
     "restart",
     "stop",
+    "log",
+    "audit",
 )
 
 #: rlimit names accepted under ``limits:`` and their kind of value.
@@ -66,6 +68,10 @@ LIMITS: dict[str, Literal["count", "size", "seconds"]] = {
     "nproc": "count",
     "stack": "size",
 }
+
+#: Limits enforced through the program's cgroup v2 (``capvisor up``, service.py),
+#: not setrlimit: ``memory`` (memory.max) and ``pids`` (pids.max).
+CGROUP_LIMITS: dict[str, Literal["count", "size"]] = {"memory": "size", "pids": "count"}
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -82,6 +88,10 @@ class RestartPolicy:
     policy: Literal["no", "on-failure", "always"] = "no"
     backoff_min: float = 1.0
     backoff_max: float = 60.0
+    #: Crash loop: after ``limit`` restarts in a row, none of which ran for
+    #: ``stable`` seconds, the program is ``failed`` (service.py, restart.py).
+    limit: int = 5
+    stable: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,19 @@ class StopPolicy:
 
     signal: int = signal.SIGTERM
     timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """``log: {path, max_size, max_files}``: where ``capvisor run`` writes the log.
+
+    ``path`` is relative to the description's directory; ``max_size`` None
+    means no rotation (docs/logs.md).
+    """
+
+    path: str | None = None
+    max_size: int | None = None
+    max_files: int = 5
 
 
 @dataclass(frozen=True)
@@ -108,10 +131,14 @@ class Description:
     fds: Mapping[str, Capability] = field(default_factory=dict)
     policy: str = "default"
     limits: Mapping[str, int] = field(default_factory=dict)
+    cgroup_limits: Mapping[str, int] = field(default_factory=dict)
     runtime: tuple[str, ...] = ()
     degrade: Literal["deny", "allow"] = "deny"
     restart: RestartPolicy = RestartPolicy()
     stop: StopPolicy = StopPolicy()
+    log: LogSettings = LogSettings()
+    #: Report every syscall the policy denies in the program's log (docs/policies.md).
+    audit: bool = False
     locations: Mapping[str, Location] = field(default_factory=dict, compare=False)
 
     @property
@@ -147,6 +174,19 @@ def parse_description(text: str, filename: str, *, context: Context = STANDALONE
     if source.problems or description is None:
         raise DescriptionError(source.problems)
     return description
+
+
+def read_description_node(
+    node: Any, source: Source, *, context: Context = STANDALONE
+) -> Description | None:
+    """Check an already loaded YAML ``node`` (e.g. a program inline in a larger file).
+
+    Problems go to ``source`` (with their lines in that file); returns None
+    if there were any. Used by ``capvisor up`` (supervisor/upfile.py).
+    """
+    before = len(source.problems)
+    description = _DescriptionReader(source, context).read(node)
+    return description if len(source.problems) == before else None
 
 
 class _DescriptionReader:
@@ -187,9 +227,11 @@ class _DescriptionReader:
             "env": self.env(doc),
             "fds": self.fds(doc),
             "limits": self.limits(doc),
+            "cgroup_limits": self.cgroup_limits(doc),
             "runtime": self.runtime(doc),
             "restart": self.restart(doc),
             "stop": self.stop(doc),
+            "log": self.log(doc),
             "locations": locations,
         }
         cwd = self.plain_string(doc, "cwd")
@@ -202,6 +244,11 @@ class _DescriptionReader:
         policy = self.plain_string(doc, "policy")
         if policy is not None:
             fields["policy"] = policy
+        if "audit" in doc:
+            if isinstance(doc["audit"], bool):
+                fields["audit"] = doc["audit"]
+            else:
+                self.error(self.source.value_at(doc, "audit"), "audit must be true or false")
         degrade = self.plain_string(doc, "degrade")
         if degrade is not None:
             if degrade not in ("deny", "allow"):
@@ -326,10 +373,12 @@ class _DescriptionReader:
         for key, value in node.items():
             kind = LIMITS.get(key)
             location = self.source.value_at(node, key)
+            if key in CGROUP_LIMITS:
+                continue  # read by cgroup_limits()
             if kind is None:
                 self.error(
                     self.source.key_at(node, key),
-                    f"unknown limit {key!r}{suggest(str(key), LIMITS)}",
+                    f"unknown limit {key!r}{suggest(str(key), {**LIMITS, **CGROUP_LIMITS})}",
                 )
                 continue
             parsed = parse_limit(value, kind)
@@ -337,6 +386,23 @@ class _DescriptionReader:
                 self.error(location, f"limits.{key}: {_LIMIT_HINT[kind]}, not {value!r}")
             else:
                 limits[key] = parsed
+        return limits
+
+    def cgroup_limits(self, doc: CommentedMap) -> dict[str, int]:
+        node = doc.get("limits")
+        if not isinstance(node, CommentedMap):
+            return {}  # reported by limits()
+        limits: dict[str, int] = {}
+        for key, kind in CGROUP_LIMITS.items():
+            if key in node:
+                parsed = parse_limit(node[key], kind)
+                if parsed is None:
+                    self.error(
+                        self.source.value_at(node, key),
+                        f"limits.{key}: {_LIMIT_HINT[kind]}, not {node[key]!r}",
+                    )
+                else:
+                    limits[key] = parsed
         return limits
 
     def runtime(self, doc: CommentedMap) -> tuple[str, ...]:
@@ -365,7 +431,7 @@ class _DescriptionReader:
                 self.source.value_at(doc, "restart"), "restart must be a mapping {policy, backoff}"
             )
             return RestartPolicy()
-        self.source.unknown_keys(node, ("policy", "backoff"), "restart")
+        self.source.unknown_keys(node, ("policy", "backoff", "limit", "stable"), "restart")
         policy = node.get("policy", "no")
         if policy is False:  # YAML 1.2 keeps `no` a string; be kind to `false`
             policy = "no"
@@ -387,7 +453,21 @@ class _DescriptionReader:
                 )
             else:
                 low, high = lo, hi
-        return RestartPolicy(policy, low, high)
+        limit = node.get("limit", 5)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            self.error(
+                self.source.value_at(node, "limit"),
+                f"restart.limit must be a number of restarts (0 or more), not {limit!r}",
+            )
+            limit = 5
+        stable = parse_duration(node.get("stable", 10.0))
+        if stable is None:
+            self.error(
+                self.source.value_at(node, "stable"),
+                f"restart.stable must be a duration such as 10s, not {node['stable']!r}",
+            )
+            stable = 10.0
+        return RestartPolicy(policy, low, high, limit, stable)
 
     def stop(self, doc: CommentedMap) -> StopPolicy:
         node = doc.get("stop")
@@ -419,6 +499,35 @@ class _DescriptionReader:
             else:
                 result = StopPolicy(result.signal, timeout)
         return result
+
+    def log(self, doc: CommentedMap) -> LogSettings:
+        node = doc.get("log")
+        if node is None:
+            return LogSettings()
+        if not isinstance(node, CommentedMap):
+            self.error(
+                self.source.value_at(doc, "log"),
+                "log must be a mapping {path, max_size, max_files}",
+            )
+            return LogSettings()
+        self.source.unknown_keys(node, ("path", "max_size", "max_files"), "log")
+        path = self.plain_string(node, "path")
+        max_size = None
+        if "max_size" in node:
+            max_size = parse_size(node["max_size"])
+            if not max_size:
+                self.error(
+                    self.source.value_at(node, "max_size"),
+                    f"log.max_size must be a size such as 10M, not {node['max_size']!r}",
+                )
+        max_files = node.get("max_files", 5)
+        if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 2:
+            self.error(
+                self.source.value_at(node, "max_files"),
+                f"log.max_files must be a number of at least 2, not {max_files!r}",
+            )
+            max_files = 5
+        return LogSettings(path, max_size, max_files)
 
 
 #: Capabilities that make no sense as a standard stream.

@@ -33,6 +33,8 @@ STEPS: tuple[str, ...] = tuple(
 BPF_MAXINSNS = 4096
 #: Bytes in one ``struct sock_filter`` instruction.
 BPF_INSN_SIZE = 8
+#: The flags of the child's sendmsg() that hands the seccomp listener over.
+LISTENER_MSG_FLAGS: int = lib.CV_LISTENER_MSG_FLAGS
 
 _RLIM_MAX = 2**64 - 1  # RLIM_INFINITY as the kernel sees it
 _INT_MAX = 2**31 - 1
@@ -75,6 +77,16 @@ class SpawnRequest:
     landlock_ruleset_fd: int = -1
     seccomp_bpf: bytes | None = None
     listen_pid: bool = False
+    #: Install the filter with SECCOMP_FILTER_FLAG_NEW_LISTENER and return the
+    #: listener (:attr:`SpawnedChild.listener`). The filter must let the
+    #: child's own last calls through: see :mod:`supervisor.seccomp_notify`.
+    seccomp_listener: bool = False
+    #: An O_WRONLY fd of a cgroup v2 ``cgroup.procs``: the child moves itself
+    #: into that cgroup first (step "cgroup"); -1: stay (service.py).
+    cgroup_procs_fd: int = -1
+    #: A signal the child gets when the spawning thread dies
+    #: (PR_SET_PDEATHSIG, step "pdeathsig"); 0: none (service.py).
+    parent_death_signal: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,11 +94,14 @@ class SpawnedChild:
     """A child that has exec'd its program.
 
     The caller owns ``pidfd`` (close-on-exec): wait on it, reap the child
-    with ``os.waitid(os.P_PIDFD, pidfd, os.WEXITED)`` and close it.
+    with ``os.waitid(os.P_PIDFD, pidfd, os.WEXITED)`` and close it. It also
+    owns ``listener``, the seccomp notification fd (close-on-exec), when the
+    request asked for one; -1 otherwise.
     """
 
     pid: int
     pidfd: int
+    listener: int = -1
 
 
 def spawn(request: SpawnRequest) -> SpawnedChild:
@@ -121,11 +136,16 @@ def spawn(request: SpawnRequest) -> SpawnedChild:
     args.rlimits, args.nrlimits = _rlimit_array(request.rlimits, keep)
     args.landlock_ruleset_fd = _check_fd(request.landlock_ruleset_fd, "landlock_ruleset_fd")
     args.seccomp_bpf, args.seccomp_len = _bpf(request.seccomp_bpf, keep)
+    if request.seccomp_listener and request.seccomp_bpf is None:
+        raise ValueError("seccomp_listener needs a seccomp program")
+    args.seccomp_listener = int(request.seccomp_listener)
+    args.cgroup_procs_fd = _check_fd(request.cgroup_procs_fd, "cgroup_procs_fd")
+    args.parent_death_signal = int(request.parent_death_signal)
 
     result = ffi.new("struct cv_spawn_result *")
     if lib.cv_spawn(args, result) != 0:
         raise SpawnError(STEPS[result.step], result.err, program=request.path)
-    return SpawnedChild(pid=result.pid, pidfd=result.pidfd)
+    return SpawnedChild(pid=result.pid, pidfd=result.pidfd, listener=result.listener)
 
 
 _LISTEN_PID = b"LISTEN_PID="

@@ -18,7 +18,7 @@ personalities) before libseccomp's rules run: libseccomp cannot express
 "allow ioctl except these commands" (an unconditional rule absorbs every
 conditional rule of the same syscall, and there is no masked not-equal).
 Every argument comparison looks at the argument's low 32 bits, as the
-kernel does for ``int`` arguments.
+kernel does for ``int`` arguments; only ``null_pointer`` compares all 64.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ from .yamlsrc import Source, load_yaml, read_text, suggest
 
 __all__ = [
     "ALWAYS_DENIED",
+    "MASK32",
+    "MASK64",
     "NATIVE_ARCH",
     "POLICIES_DIR",
     "POLICY_PATH_ENV",
@@ -75,6 +77,8 @@ LANGUAGE_VERSION = 1
 ARG_KEYS = tuple(f"arg{i}" for i in range(6))
 _CONDITION_KEYS = "any_of, none_of_mask, eq (mask only with eq)"
 MASK32 = 0xFFFFFFFF
+#: The one 64-bit comparison: ``null_pointer`` (a NULL pointer argument, all bits zero).
+MASK64 = 0xFFFFFFFFFFFFFFFF
 _SUFFIXES = (".yaml", ".yml")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -145,13 +149,19 @@ EPERM = Action("errno", errno_module.EPERM)
 
 @dataclass(frozen=True, order=True)
 class ArgCheck:
-    """``(arg & mask) == value`` on the argument's low 32 bits (libseccomp MASKED_EQ)."""
+    """``(arg & mask) == value`` on the argument's low 32 bits (libseccomp MASKED_EQ).
+
+    The one exception is ``null_pointer``: mask :data:`MASK64`, value 0, all 64 bits
+    compared (a pointer whose low half is zero is not NULL).
+    """
 
     arg: int
     mask: int
     value: int
 
     def __str__(self) -> str:
+        if self.mask == MASK64:
+            return f"arg{self.arg} is NULL"
         if self.mask == MASK32:
             return f"arg{self.arg} == {self.value:#x}"
         return f"arg{self.arg} & {self.mask:#x} == {self.value:#x}"
@@ -226,8 +236,10 @@ class Policy:
         """
         needed = {}
         for name, guard in ALWAYS_DENIED.items():
+            if guard is None:
+                continue
             rules = [r for r in self.rules if r.syscall == name and r.action == ALLOW]
-            if guard is not None and rules and not all(_pinned(r, guard) for r in rules):
+            if rules and not all(_pinned(r, guard) for r in rules):
                 needed[name] = guard
         return needed
 
@@ -525,8 +537,12 @@ class _FileReader:
         where = self.source.value_at(parent, key)
         if value == "nonneg_fd":
             return [ArgCheck(arg, 0x80000000, 0)]
+        if value == "null_pointer":
+            return [ArgCheck(arg, MASK64, 0)]
         if not isinstance(value, CommentedMap):
-            self.error(where, f"a condition is nonneg_fd or a mapping with {_CONDITION_KEYS}")
+            self.error(
+                where, f"a condition is nonneg_fd, null_pointer or a mapping with {_CONDITION_KEYS}"
+            )
             return []
         before = len(self.source.problems)
         self.source.unknown_keys(value, ("any_of", "none_of_mask", "eq", "mask"), "a condition")

@@ -10,14 +10,16 @@ after the timeout, as a shielded deliver-then-wait (STYLE item 7).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
-from . import logs, native
+from . import audit, logs, native, policy
 from .description import StopPolicy
 from .resolve import LaunchPlan, LogPipe
 
@@ -49,23 +51,30 @@ class ExitStatus:
 class Child:
     """A running child process, owned through its pidfd."""
 
-    def __init__(self, pid: int, pidfd: int) -> None:
+    def __init__(self, pid: int, pidfd: int, listener: int = -1) -> None:
         self.pid = pid
         self._pidfd = pidfd
+        #: The seccomp notification fd in audit mode (supervisor/audit.py), else -1.
+        self.listener = listener
         self.status: ExitStatus | None = None
         self._polling = False  # one task waits on the pidfd, the others park
         self._waiters = trio.lowlevel.ParkingLot()
 
     @classmethod
-    def spawn(cls, plan: LaunchPlan) -> Child:
+    def spawn(cls, plan: LaunchPlan, **options: Any) -> Child:
         """Spawn ``plan`` and close the supervisor's copies of the child's fds.
 
+        ``options`` override fields of the :class:`~supervisor.native.SpawnRequest`
+        (the service sets ``cgroup_procs_fd`` and ``parent_death_signal``).
         Raises :class:`~supervisor.errors.SpawnError`; the plan keeps its fds
         (and its log pipes) either way, for the caller to close.
         """
-        spawned = native.spawn(plan.spawn_request())
+        request = plan.spawn_request()
+        if options:
+            request = dataclasses.replace(request, **options)
+        spawned = native.spawn(request)
         plan.close_child_side()
-        return cls(spawned.pid, spawned.pidfd)
+        return cls(spawned.pid, spawned.pidfd, spawned.listener)
 
     def _poll(self) -> ExitStatus | None:
         if self.status is None and self._pidfd >= 0:
@@ -135,6 +144,9 @@ class Child:
             with contextlib.suppress(ChildProcessError):
                 os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
         self._close_pidfd()
+        listener, self.listener = self.listener, -1
+        if listener >= 0:
+            os.close(listener)
 
 
 async def run_plan(
@@ -144,15 +156,18 @@ async def run_plan(
     stop_signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
     on_started: Callable[[Child], None] | None = None,
     drain_grace: float = DRAIN_GRACE,
+    spawn_options: Mapping[str, Any] | None = None,
 ) -> ExitStatus:
     """Spawn ``plan``, pump its logs into ``sink`` and wait for it to exit.
 
     A signal in ``stop_signals`` delivered to the supervisor stops the child
     with its description's stop policy. Every byte the child wrote to its
     ``!log`` pipes is in ``sink`` before this returns. The plan is closed.
+    ``spawn_options`` go to :meth:`Child.spawn`.
     """
+    plan.audit = plan.audit or plan.description.audit  # answered by _audit below
     try:
-        child = Child.spawn(plan)
+        child = Child.spawn(plan, **(spawn_options or {}))
     except BaseException:
         plan.close()
         raise
@@ -162,6 +177,9 @@ async def run_plan(
             pumps = trio.CancelScope()
             nursery.start_soon(_pump_all, pipes, sink, pumps)
             pipes = []
+            auditing = trio.CancelScope()
+            if child.listener >= 0 and plan.compiled_policy is not None:
+                nursery.start_soon(_audit, child.listener, plan.compiled_policy, sink, auditing)
             if on_started is not None:
                 on_started(child)
             watcher = trio.CancelScope()
@@ -172,6 +190,7 @@ async def run_plan(
             watcher.cancel()
             # Grandchildren may still hold the pipes: drain for a bounded time.
             pumps.deadline = trio.current_time() + drain_grace
+            auditing.deadline = pumps.deadline
     finally:
         for pipe in pipes:
             os.close(pipe.read_fd)
@@ -185,6 +204,14 @@ async def _pump_all(pipes: list[LogPipe], sink: logs.LogSink, scope: trio.Cancel
         async with trio.open_nursery() as nursery:
             for pipe in pipes:
                 nursery.start_soon(logs.pump, pipe.read_fd, pipe.stream, sink)
+
+
+async def _audit(
+    listener: int, compiled: policy.CompiledPolicy, sink: logs.LogSink, scope: trio.CancelScope
+) -> None:
+    """Report denied calls in the log, as CRI records on stderr (audit.py)."""
+    with scope:
+        await audit.serve(listener, compiled, lambda text: sink.write(audit.log_record(text)))
 
 
 async def _stop_on_signal(

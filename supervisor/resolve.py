@@ -21,9 +21,9 @@ import socket
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from . import landlock, policy, tags
+from . import landlock, policy, seccomp_notify, tags
 from .description import Arg, Description
 from .errors import (
     ConfinementError,
@@ -34,6 +34,13 @@ from .errors import (
 )
 from .native import Rlimit, SpawnRequest
 from .runtime import runtime_set
+from .switchboard_protocol import (
+    ProtocolError,
+    SwitchboardError,
+    conflicts,
+    format_labels,
+    merge,
+)
 
 _RLIMITS = {
     "as": resource.RLIMIT_AS,
@@ -57,6 +64,30 @@ _SOCKET_TYPES = {
     "dgram": socket.SOCK_DGRAM,
     "seqpacket": socket.SOCK_SEQPACKET,
 }
+
+
+class SwitchboardAccess(Protocol):
+    """What resolving ``!server``, ``!client`` and ``!connect`` needs from a switchboard.
+
+    Each method returns a new fd the caller owns, or raises
+    :class:`~supervisor.switchboard_protocol.SwitchboardError` (the broker
+    refused) or :class:`OSError`. Methods are called synchronously while
+    resolving: an embedding supervisor whose broker runs on its own trio loop
+    resolves in a worker thread with a
+    :class:`~supervisor.switchboard_client.Handle` to it (docs/switchboard.md).
+    """
+
+    def server_handle(self, labels: Mapping[str, str]) -> int:
+        """A handle that may only ``server_start``, with ``labels`` as fixed in-labels."""
+        ...
+
+    def client_handle(self, labels: Mapping[str, str]) -> int:
+        """A handle that may only ``client_connect``, with ``labels`` as fixed out-labels."""
+        ...
+
+    def connect_fd(self, labels: Mapping[str, str]) -> int:
+        """A stream socket connected to the server matching ``labels``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -106,6 +137,10 @@ class LaunchPlan:
     ruleset: landlock.Ruleset | None
     runtime: list[dict[str, Any]]
     degraded: list[str] = field(default_factory=list)
+    #: Denied syscalls are notified and reported (``run --audit``; run_plan sets it for a
+    #: description's ``audit: true``). Whoever spawns an audited plan must answer the
+    #: listener (:func:`supervisor.audit.serve`), or the first denied call blocks.
+    audit: bool = False
     _owned: list[int] = field(default_factory=list, repr=False)
 
     def spawn_request(self) -> SpawnRequest:
@@ -119,9 +154,18 @@ class LaunchPlan:
             new_session=True,
             rlimits=self.rlimits,
             landlock_ruleset_fd=self.ruleset.fd if self.ruleset else -1,
-            seccomp_bpf=self.compiled_policy.bpf if self.compiled_policy else None,
+            seccomp_bpf=self._seccomp_bpf(),
             listen_pid=len(self.placed) > 3,
+            seccomp_listener=self.audit and self.compiled_policy is not None,
         )
+
+    def _seccomp_bpf(self) -> bytes | None:
+        """The policy's filter; in audit mode with its denials notified (audit.py)."""
+        if self.compiled_policy is None:
+            return None
+        if self.audit:
+            return seccomp_notify.audit_program(self.compiled_policy, chan=len(self.sources))
+        return self.compiled_policy.bpf
 
     def take_log_pipes(self) -> list[LogPipe]:
         """Hand the log pipes' read ends to the caller, who must close them."""
@@ -164,6 +208,7 @@ class LaunchPlan:
                     "source": str(self.compiled_policy.source),
                     "digest": self.compiled_policy.digest,
                     "instructions": self.compiled_policy.instructions,
+                    "audit": self.audit or self.description.audit,
                 }
                 if self.compiled_policy
                 else {"applied": False}
@@ -186,9 +231,17 @@ def _close(fd: int) -> None:
 class _Resolver:
     """Opens fds for capabilities, remembering each so a failure closes all."""
 
-    def __init__(self, description: Description, mounts: Mapping[str, HostMount]) -> None:
+    def __init__(
+        self,
+        description: Description,
+        mounts: Mapping[str, HostMount],
+        switchboard: SwitchboardAccess | None = None,
+        identity: Mapping[str, str] | None = None,
+    ) -> None:
         self.description = description
         self.mounts = mounts
+        self.switchboard = switchboard
+        self.identity = identity if identity is not None else {"program": description.name}
         self.owned: list[int] = []
         self.log_pipes: list[LogPipe] = []
         self.grants: list[landlock.PathGrant] = []
@@ -235,11 +288,41 @@ class _Resolver:
                 fd = os.open(self.description.program, os.O_RDONLY | os.O_CLOEXEC)
                 return self.keep(fd), f"!executable {self.description.program}"
             case tags.Server() | tags.Client() | tags.Connect():
-                raise ResolveError(
-                    cap.location,
-                    f"{cap.tag} needs a switchboard; this supervisor was started without one",
-                )
+                return self.open_switchboard(cap)
         raise AssertionError(f"unhandled capability {cap!r}")  # a bug, not user input
+
+    def open_switchboard(self, cap: tags.Server | tags.Client | tags.Connect) -> tuple[int, str]:
+        """A switchboard handle (``!server``, ``!client``) or connection (``!connect``)."""
+        board = self.switchboard
+        if board is None:
+            raise ResolveError(
+                cap.location,
+                f"{cap.tag} needs a switchboard; this supervisor was started without one",
+            )
+        try:
+            if isinstance(cap, tags.Server):
+                try:
+                    labels = merge(self.identity, cap.labels)
+                except SwitchboardError as exc:
+                    clash = conflicts(self.identity, cap.labels)
+                    if not clash:
+                        raise ResolveError(cap.location, f"!server: {exc.message}") from None
+                    raise ResolveError(
+                        cap.location,
+                        f"!server: {', '.join(clash)}: identity labels "
+                        f"{format_labels({k: self.identity[k] for k in clash})} "
+                        "cannot be overridden",
+                    ) from None
+                return self.keep(board.server_handle(labels)), f"!server {format_labels(labels)}"
+            if isinstance(cap, tags.Client):
+                fd = board.client_handle(cap.labels)
+                return self.keep(fd), f"!client {format_labels(cap.labels)}"
+            fd = board.connect_fd(cap.labels)
+            return self.keep(fd), f"!connect {format_labels(cap.labels)}"
+        except SwitchboardError as exc:
+            raise ResolveError(cap.location, f"{cap.tag}: {exc.message}") from exc
+        except (ProtocolError, EOFError) as exc:
+            raise ResolveError(cap.location, f"{cap.tag}: switchboard: {exc}") from exc
 
     def path(self, path: str) -> str:
         """``path``, relative ones taken from the description's directory."""
@@ -336,18 +419,26 @@ def resolve(
     description: Description,
     *,
     mounts: Mapping[str, HostMount] | None = None,
+    switchboard: SwitchboardAccess | None = None,
+    identity: Mapping[str, str] | None = None,
 ) -> LaunchPlan:
     """Open every capability of ``description`` and compile its confinement.
+
+    ``switchboard`` resolves ``!server``/``!client``/``!connect`` (without
+    one they are a :class:`ResolveError`); ``identity`` are the labels every
+    ``!server`` handle carries and the program cannot override (default
+    ``{program: NAME}``, the description's name).
 
     Raises :class:`ProgramNotFound`, :class:`ProgramNotExecutable`,
     :class:`ResolveError`, :class:`~supervisor.errors.PolicyError` or
     :class:`ConfinementError`; on any of them every fd opened is closed.
     """
     program = check_program(description)
-    resolver = _Resolver(description, mounts or {})
+    resolver = _Resolver(description, mounts or {}, switchboard, identity)
     ruleset: landlock.Ruleset | None = None
     try:
         plan = _place(description, resolver, program)
+        _check_nproc_binds(description, plan.degraded)
         plan.compiled_policy = policy.compiled(
             description.policy, relative_to=description.directory
         )
@@ -419,6 +510,31 @@ def _place(description: Description, resolver: _Resolver, program: str) -> Launc
         runtime=[],
         _owned=resolver.owned,
     )
+
+
+def _check_nproc_binds(description: Description, degraded: list[str]) -> None:
+    """Fail closed when ``limits.nproc`` would not bind the program.
+
+    Linux never applies RLIMIT_NPROC to processes whose real uid is root in
+    the initial user namespace, whatever their capabilities (copy_process
+    checks ``INIT_USER``), and the child runs with the supervisor's uid.
+    """
+    if "nproc" not in description.limits or os.getuid() != 0:
+        return
+    message = (
+        "limits.nproc does not bind a program running as root (Linux exempts uid 0 "
+        "from RLIMIT_NPROC)"
+    )
+    if description.degrade != "allow":
+        raise ConfinementError(
+            _at(
+                description.at("limits"),
+                f"{message}; run capvisor as an unprivileged user, use limits.pids under "
+                "`capvisor up` where the pids cgroup controller is available, "
+                "or set `degrade: allow` to run without the limit",
+            )
+        )
+    degraded.append(f"{message}; process count unlimited")
 
 
 def _rlimit(name: str, value: int) -> Rlimit:

@@ -100,16 +100,17 @@ GROUPS: Mapping[str, Group] = dict(
         _group(
             "@file-system",
             "Paths, metadata, directories, extended attributes and file descriptor "
-            "flags (the paths themselves are Landlock's business)",
+            "flags (the paths themselves are Landlock's business; changing a file's "
+            "mode, extended attributes or times by path is @path-metadata)",
             """
-            access cachestat chdir chmod creat faccessat faccessat2 fadvise64 fallocate
-            fchdir fchmod fchmodat fchmodat2 fcntl fgetxattr flistxattr flock fremovexattr
-            fsetxattr fstat fstatfs ftruncate futimesat getcwd getdents getdents64 getxattr
+            access cachestat chdir creat faccessat faccessat2 fadvise64 fallocate
+            fchdir fchmod fcntl fgetxattr flistxattr flock fremovexattr
+            fsetxattr fstat fstatfs ftruncate getcwd getdents getdents64 getxattr
             inotify_add_watch inotify_init inotify_init1 inotify_rm_watch lgetxattr link
-            linkat listxattr llistxattr lremovexattr lsetxattr lstat mkdir mkdirat mknod
-            mknodat newfstatat open openat openat2 readahead readlink readlinkat removexattr
-            rename renameat renameat2 rmdir setxattr stat statfs statx symlink symlinkat
-            truncate umask unlink unlinkat utime utimensat utimes
+            linkat listxattr llistxattr lstat mkdir mkdirat mknod
+            mknodat newfstatat open openat openat2 readahead readlink readlinkat
+            rename renameat renameat2 rmdir stat statfs statx symlink symlinkat
+            truncate umask unlink unlinkat
             fcntl64 fstat64 fstatat64 lstat64 stat64 statfs64 fstatfs64 truncate64
             ftruncate64 fadvise64_64
             """,
@@ -182,6 +183,16 @@ GROUPS: Mapping[str, Group] = dict(
             getpmsg nfsservctl putpmsg query_module remap_file_pages security sysfs tuxcall
             uselib ustat vserver
             bdflush break ftime gtty idle lock mpx prof profil sgetmask ssetmask stty ulimit
+            """,
+        ),
+        _group(
+            "@path-metadata",
+            "Changing a file's mode, extended attributes or times by path. Landlock "
+            "has no access right for these, so they reach files outside every mount: "
+            "allow utimensat with a null path (futimens) and the fd-based calls instead",
+            """
+            chmod fchmodat fchmodat2 futimesat lremovexattr lsetxattr removexattr
+            setxattr utime utimensat utimes
             """,
         ),
         _group(
@@ -541,6 +552,24 @@ CONSTANTS: Mapping[str, int] = {
     "MAP_PRIVATE": 0x02,
     "MAP_FIXED": 0x10,
     "MAP_ANONYMOUS": 0x20,
+    # open(2) flags (x86_64). O_TMPFILE includes O_DIRECTORY, as in the
+    # headers; to refuse O_TMPFILE but not O_DIRECTORY, mask __O_TMPFILE.
+    "O_RDONLY": 0o0,
+    "O_WRONLY": 0o1,
+    "O_RDWR": 0o2,
+    "O_ACCMODE": 0o3,
+    "O_CREAT": 0o100,
+    "O_EXCL": 0o200,
+    "O_NOCTTY": 0o400,
+    "O_TRUNC": 0o1000,
+    "O_APPEND": 0o2000,
+    "O_NONBLOCK": 0o4000,
+    "O_DIRECTORY": 0o200000,
+    "O_NOFOLLOW": 0o400000,
+    "O_CLOEXEC": 0o2000000,
+    "O_PATH": 0o10000000,
+    "__O_TMPFILE": 0o20000000,
+    "O_TMPFILE": 0o20200000,
     # *at() directory descriptors and flags.
     "AT_FDCWD": -100 & 0xFFFFFFFF,
     "AT_SYMLINK_NOFOLLOW": 0x100,

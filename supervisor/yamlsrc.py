@@ -10,13 +10,17 @@ anything is reported.
 from __future__ import annotations
 
 import difflib
+import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedBase, CommentedMap, CommentedSeq, TaggedScalar
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning, YAMLError
+from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+from ruamel.yaml.reader import ReaderError
 
 from .errors import Location, Problem
 
@@ -96,11 +100,30 @@ def scalar_text(node: Any) -> str:
 
 
 def load_yaml(text: str, source: Source) -> Any:
-    """Parse ``text``; a syntax error becomes one problem and None is returned."""
+    """Parse ``text``; a syntax error becomes one problem and None is returned.
+
+    So do characters YAML forbids, a core tag its value does not fit
+    (``!!int x``) and escapes of lone surrogates, each with its location.
+    """
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
     try:
-        return yaml.load(text)
+        with warnings.catch_warnings():
+            # YAML 1.2 lets a later anchor of the same name replace the first.
+            warnings.simplefilter("ignore", ReusedAnchorWarning)
+            document = yaml.load(text)
+        before = len(source.problems)
+        _no_surrogates(document, source, Location(source.filename, 1, 1), set())
+        if len(source.problems) == before:
+            return document
+    except ReaderError as exc:
+        # A character YAML does not allow (NUL, most controls): ruamel gives an offset.
+        line = text.count("\n", 0, exc.position)
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1)
+        source.error(
+            source.location(line, column),
+            f"invalid YAML: character U+{exc.character:04X} is not allowed",
+        )
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = source.location(mark.line, mark.column) if mark is not None else None
@@ -110,6 +133,60 @@ def load_yaml(text: str, source: Source) -> Any:
         source.error(where, f"invalid YAML: {message}")
     except YAMLError as exc:
         source.error(None, f"invalid YAML: {exc}")
+    except (ValueError, KeyError, IndexError) as exc:
+        # ruamel's constructors fail this way on a core tag that does not fit
+        # its value (`!!int x`, `!!bool x`); find the node to point at.
+        source.error(
+            _unconstructible(text, source), f"invalid YAML: the value does not fit its tag ({exc})"
+        )
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(node: Any, source: Source, where: Location | None, seen: set[int]) -> None:
+    """Report strings holding a lone UTF-16 surrogate (a `"\\ud800"` escape): no file
+    name, syscall or label can contain one."""
+    if isinstance(node, str) or isinstance(getattr(node, "value", None), str):
+        text = node if isinstance(node, str) else node.value
+        if _SURROGATE.search(text):
+            source.error(
+                where, "invalid YAML: a \\u escape names a lone surrogate, not a character"
+            )
+        return
+    if id(node) in seen or not isinstance(node, CommentedMap | CommentedSeq):
+        return
+    seen.add(id(node))
+    if isinstance(node, CommentedMap):
+        for key, value in node.items():
+            _no_surrogates(key, source, source.key_at(node, key), seen)
+            _no_surrogates(value, source, source.value_at(node, key), seen)
+    else:
+        for i, value in enumerate(node):
+            _no_surrogates(value, source, source.value_at(node, i), seen)
+
+
+def _unconstructible(text: str, source: Source) -> Location | None:
+    """Where the first scalar in ``text`` that its tag's constructor refuses starts."""
+    scan = YAML(typ="rt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReusedAnchorWarning)
+        pending, seen = [scan.compose(text)], set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, ScalarNode):
+            try:
+                scan.constructor.construct_object(node, deep=True)
+            except (ValueError, KeyError, IndexError):
+                return source.location(node.start_mark.line, node.start_mark.column)
+        elif isinstance(node, SequenceNode):
+            pending.extend(reversed(node.value))
+        elif isinstance(node, MappingNode):
+            pending.extend(n for pair in reversed(node.value) for n in reversed(pair))
     return None
 
 

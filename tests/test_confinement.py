@@ -414,6 +414,22 @@ def test_rlimits_apply(capvisor: Capvisor, work: Path) -> None:
     assert (work / "big.txt").stat().st_size == 4096
 
 
+def test_cgroup_limits_fail_closed_under_run(capvisor: Capvisor, work: Path) -> None:
+    # `run` makes no cgroup: limits.pids would not bind, so it refuses unless degraded.
+    strict = "program: /bin/echo\nargs: [ran]\nlimits: {pids: 8}\n"
+    desc = capvisor.describe(strict)
+    result = capvisor.run(desc)
+    assert result.returncode == 125
+    assert f"{desc}:3:1: limits.pids: not applied" in result.stderr
+    assert "degrade: allow" in result.stderr
+    assert b"ran" not in result.stdout
+
+    result = capvisor.run(capvisor.describe("degrade: allow\n" + strict, "allowed.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "limits.pids: not applied" in result.stderr
+    assert out(result) == "ran\n"
+
+
 def test_report_shows_effective_confinement(capvisor: Capvisor, work: Path) -> None:
     data = work / "data"
     data.mkdir()

@@ -1,0 +1,492 @@
+"""The switchboard broker (DESIGN §7): label-matched connections handed out as fds.
+
+One trio task per handle and one per started server; no threads. A *handle*
+is an AF_UNIX SOCK_SEQPACKET socket whose requests (docs/switchboard.md) the
+broker answers one at a time, with its rights and in/out labels checked on
+every request. ``server_start`` returns a *listener* socket on which the
+broker delivers connections (one end of a fresh socketpair, in SCM_RIGHTS)
+and the server accepts or refuses each; ``client_connect`` returns the other
+end once the server accepted. After that the broker is out of the data path.
+
+Bounded waits: delivery plus acceptance must finish within
+``accept_timeout`` or the client gets a ``timeout`` error; other handles are
+never blocked by it. A malformed message gets a ``malformed`` reply and its
+handle (or listener) is closed; nothing else is affected. A listener that
+reaches EOF (the server exited or closed it) is pruned at once.
+
+Embedding: run :meth:`Broker.run` (no socket) or :meth:`Broker.serve` (a root
+socket at a path, created 0600) in a nursery; :meth:`Broker.open_handle`
+then makes handles from the trio thread.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import itertools
+import os
+import socket
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import trio
+
+from .errors import CapvisorError
+from .switchboard_protocol import (
+    MAX_FDS,
+    MAX_MESSAGE,
+    RIGHTS,
+    Labels,
+    Message,
+    ProtocolError,
+    SwitchboardError,
+    decode_listener_message,
+    decode_request,
+    encode,
+    error_reply,
+    format_labels,
+    merge,
+    ok_reply,
+)
+from .switchboard_registry import Registry, Target
+
+#: Default bound on delivering a connection and having it accepted, seconds.
+ACCEPT_TIMEOUT = 5.0
+#: Servers tried in turn when the chosen one turns out to be gone.
+_ATTEMPTS = 3
+#: Room for a few more fds than allowed, so extra ones are received and closed
+#: rather than silently dropped by the kernel (MSG_CTRUNC is still reported).
+_ANCBUF = socket.CMSG_SPACE(4 * (MAX_FDS + 7))
+_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What a handle may do: its rights and the labels merged into its requests."""
+
+    rights: frozenset[str] = frozenset(RIGHTS)
+    in_labels: Mapping[str, str] = field(default_factory=dict)
+    out_labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Answer:
+    """A connection's fate as the server reports it on its listener."""
+
+    event: trio.Event = field(default_factory=trio.Event)
+    op: str = ""  # accept | refuse | gone
+    message: str = ""
+
+
+@dataclass(eq=False)
+class _Endpoint:
+    """The broker's side of a listener."""
+
+    sock: socket.socket
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    waiting: dict[int, _Answer] = field(default_factory=dict)
+
+
+class _Gone(Exception):
+    """The chosen server went away while a connection was being delivered."""
+
+
+class Broker:
+    """The switchboard broker. See the module docstring."""
+
+    def __init__(self, *, accept_timeout: float = ACCEPT_TIMEOUT) -> None:
+        self.accept_timeout = accept_timeout
+        self.registry = Registry()
+        self._nursery: trio.Nursery | None = None
+        self._ids = itertools.count(1)
+
+    # -- running -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve handles made with :meth:`open_handle` until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    async def serve(
+        self, path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve a root socket at ``path`` (mode 0600) until cancelled.
+
+        Each connection to it is a handle with every right and no labels. A
+        stale socket file is replaced; a live one is an error. Raises
+        :class:`~supervisor.errors.CapvisorError` when the socket cannot be
+        made. The file is removed on the way out.
+        """
+        listener = bind_root(path)
+        identity = os.stat(path)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._accept_loop, listener)
+                task_status.started(path)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            listener.close()
+            with contextlib.suppress(OSError):
+                now = os.stat(path)
+                if (now.st_dev, now.st_ino) == (identity.st_dev, identity.st_ino):
+                    os.unlink(path)
+
+    def open_handle(
+        self,
+        rights: Iterable[str] = RIGHTS,
+        in_labels: Mapping[str, str] | None = None,
+        out_labels: Mapping[str, str] | None = None,
+    ) -> socket.socket:
+        """A new handle with these rights and labels, as the caller's socket.
+
+        Call from the broker's trio thread while :meth:`run` or :meth:`serve`
+        is running. The caller owns the returned socket (close-on-exec).
+        """
+        if self._nursery is None:
+            raise RuntimeError("the broker is not running")
+        unknown = set(rights) - set(RIGHTS)
+        if unknown:
+            raise ValueError(f"unknown rights {sorted(unknown)}")
+        handle = Handle(frozenset(rights), dict(in_labels or {}), dict(out_labels or {}))
+        ours, theirs = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        ours.setblocking(False)
+        self._nursery.start_soon(self._serve_handle, ours, handle)
+        return theirs
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        assert self._nursery is not None
+        listener.setblocking(False)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    await trio.sleep(0.1)  # out of fds: let handles close first
+                    continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that one connection failed, not the socket
+                raise
+            conn.setblocking(False)
+            self._nursery.start_soon(self._serve_handle, conn, Handle())
+
+    # -- handles -------------------------------------------------------------
+
+    async def _serve_handle(self, sock: socket.socket, handle: Handle) -> None:
+        with sock:
+            for served in itertools.count(1):
+                if served % 16 == 0:
+                    await trio.lowlevel.checkpoint()  # a flood of requests yields now and then
+                try:
+                    data, fds, truncated = await _receive(sock)
+                except (OSError, trio.ClosedResourceError):
+                    return
+                _close_all(fds)
+                if data is None:
+                    return
+                try:
+                    if truncated or fds:
+                        raise ProtocolError(
+                            "malformed",
+                            f"requests carry no fds and at most {MAX_MESSAGE} bytes",
+                        )
+                    request = decode_request(data)
+                except ProtocolError as exc:
+                    if not await _send(sock, error_reply(None, exc.code, exc.message)):
+                        return
+                    if exc.code == "malformed":
+                        return
+                    continue
+                fd: int | None = None
+                try:
+                    reply, fd = await self._dispatch(handle, request)
+                except SwitchboardError as exc:
+                    reply = error_reply(request.id, exc.code, exc.message)
+                except OSError as exc:  # out of fds or memory: this request fails, not the broker
+                    reason = exc.strerror or str(exc)
+                    reply = error_reply(request.id, "resources", f"the switchboard: {reason}")
+                try:
+                    if not await _send(sock, reply, fd):
+                        return
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+
+    async def _dispatch(self, handle: Handle, request: Message) -> tuple[bytes, int | None]:
+        op, fields = request.op, request.fields
+        if op != "info" and op not in handle.rights:
+            rights = ", ".join(sorted(handle.rights)) or "none"
+            raise SwitchboardError("permission", f"this handle may not {op} (its rights: {rights})")
+        if op == "info":
+            return ok_reply(request.id, **_describe(handle)), None
+        if op == "constrain":
+            return self._constrain(handle, request)
+        if op == "server_start":
+            labels = merge(handle.in_labels, fields.get("labels", {}), "server_start labels")
+            return ok_reply(request.id, labels=labels), self._start_server(labels)
+        if op == "client_connect":
+            labels = merge(handle.out_labels, fields.get("labels", {}), "client_connect labels")
+            return await self._connect(labels, request.id)
+        assert op == "list"
+        labels = merge(handle.out_labels, fields.get("labels", {}), "list labels")
+        servers = [
+            {
+                "labels": group.labels,
+                "replicas": len(group.replicas),
+                "pending": sum(t.pending for t in group.replicas),
+                "connections": sum(t.delivered for t in group.replicas),
+            }
+            for group in self.registry.matching(labels)
+        ]
+        return ok_reply(request.id, servers=servers), None
+
+    def _constrain(self, handle: Handle, request: Message) -> tuple[bytes, int]:
+        fields = request.fields
+        rights = set(fields.get("rights", handle.rights))
+        wider = rights - handle.rights
+        if wider:
+            raise SwitchboardError(
+                "permission", f"constrain cannot add rights this handle lacks: {sorted(wider)}"
+            )
+        in_labels = merge(handle.in_labels, fields.get("in_labels", {}), "constrain in_labels")
+        out_labels = merge(handle.out_labels, fields.get("out_labels", {}), "constrain out_labels")
+        new = Handle(frozenset(rights), in_labels, out_labels)
+        sock = self.open_handle(new.rights, new.in_labels, new.out_labels)
+        return ok_reply(request.id, **_describe(new)), sock.detach()
+
+    # -- servers and connections ---------------------------------------------
+
+    def _start_server(self, labels: Labels) -> int:
+        assert self._nursery is not None
+        ours, theirs = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        ours.setblocking(False)
+        target = Target(labels, _Endpoint(ours))
+        self.registry.add(target)
+        self._nursery.start_soon(self._serve_listener, target)
+        return theirs.detach()
+
+    async def _serve_listener(self, target: Target) -> None:
+        endpoint: _Endpoint = target.endpoint
+        try:
+            for served in itertools.count(1):
+                if served % 16 == 0:
+                    await trio.lowlevel.checkpoint()
+                data, fds, truncated = await _receive(endpoint.sock)
+                _close_all(fds)
+                if data is None or truncated or fds:
+                    return
+                try:
+                    message = decode_listener_message(data)
+                except ProtocolError as exc:
+                    reply = error_reply(None, exc.code, exc.message)
+                    await _send(endpoint.sock, reply, lock=endpoint.send_lock)
+                    return
+                answer = endpoint.waiting.get(message.id)  # type: ignore[arg-type]
+                if answer is not None and not answer.event.is_set():
+                    answer.op = message.op
+                    answer.message = message.fields.get("message", "")
+                    answer.event.set()
+        except (OSError, trio.ClosedResourceError):
+            return
+        finally:
+            self._prune(target)
+
+    def _prune(self, target: Target) -> None:
+        """Forget a server that went away; its waiting clients try another."""
+        self.registry.remove(target)
+        endpoint: _Endpoint = target.endpoint
+        for answer in endpoint.waiting.values():
+            if not answer.event.is_set():
+                answer.op = "gone"
+                answer.event.set()
+        if endpoint.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(endpoint.sock)
+            endpoint.sock.close()
+
+    async def _connect(self, labels: Labels, ident: int | str | None) -> tuple[bytes, int]:
+        for _ in range(_ATTEMPTS):
+            target = self.registry.choose(labels)
+            connection = {**target.labels, **labels}
+            with contextlib.suppress(_Gone):
+                fd = await self._deliver(target, connection)
+                return ok_reply(ident, labels=connection), fd
+        raise SwitchboardError(
+            "unavailable", f"the servers matching {format_labels(labels)} went away"
+        )
+
+    async def _deliver(self, target: Target, labels: Labels) -> int:
+        """Hand a new connection to ``target``; the client's end once it accepted."""
+        endpoint: _Endpoint = target.endpoint
+        ident = next(self._ids)
+        answer = _Answer()
+        client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        event = encode({"event": "connection", "id": ident, "labels": labels})
+        endpoint.waiting[ident] = answer
+        target.pending += 1
+        try:
+            with trio.move_on_after(self.accept_timeout) as scope:
+                if not await _send(endpoint.sock, event, server.fileno(), endpoint.send_lock):
+                    self._prune(target)
+                    raise _Gone
+                server.close()
+                await answer.event.wait()
+        except BaseException:
+            client.close()
+            raise
+        finally:
+            server.close()
+            endpoint.waiting.pop(ident, None)
+            target.pending -= 1
+        if scope.cancelled_caught:
+            client.close()
+            raise SwitchboardError(
+                "timeout",
+                f"server {format_labels(target.labels)} did not accept the connection "
+                f"within {self.accept_timeout:g} s",
+            )
+        if answer.op == "gone":
+            client.close()
+            raise _Gone
+        if answer.op == "refuse":
+            client.close()
+            reason = f": {answer.message}" if answer.message else ""
+            raise SwitchboardError(
+                "refused", f"server {format_labels(target.labels)} refused the connection{reason}"
+            )
+        target.delivered += 1
+        return client.detach()
+
+
+def _describe(handle: Handle) -> dict[str, object]:
+    return {
+        "rights": sorted(handle.rights),
+        "in_labels": dict(handle.in_labels),
+        "out_labels": dict(handle.out_labels),
+    }
+
+
+def _rights(*fds: int) -> tuple[int, int, bytes]:
+    return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+
+
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# The broker's sockets are non-blocking stdlib sockets driven with
+# wait_readable/wait_writable: an operation that can complete at once does
+# so without a trip through the scheduler (trio.socket takes one per call),
+# which is most of the broker's cost per connection.
+
+
+async def _receive(sock: socket.socket) -> tuple[bytes | None, list[int], bool]:
+    """One packet: its bytes (None at EOF), the fds it carried, whether truncated."""
+    while True:
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, _ANCBUF, _RECV_FLAGS)
+            break
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+    fds = _fds_of(ancdata)
+    truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+    if not data and not fds and not truncated:
+        return None, [], False
+    return data, fds, truncated
+
+
+async def _send(
+    sock: socket.socket, data: bytes, fd: int | None = None, lock: trio.Lock | None = None
+) -> bool:
+    """Send one packet (with ``fd``); False when the peer is gone.
+
+    ``lock`` serialises tasks that may have to wait on the same socket.
+    """
+    ancdata = [_rights(fd)] if fd is not None else []
+    try:
+        try:
+            sock.sendmsg([data], ancdata)
+            return True
+        except BlockingIOError:
+            pass
+        async with lock if lock is not None else contextlib.nullcontext():
+            while True:
+                await trio.lowlevel.wait_writable(sock)
+                try:
+                    sock.sendmsg([data], ancdata)
+                    return True
+                except BlockingIOError:
+                    continue
+    except (OSError, trio.ClosedResourceError, trio.BusyResourceError):
+        return False
+
+
+def bind_root(path: str) -> socket.socket:
+    """A listening SOCK_SEQPACKET socket at ``path``, created 0600.
+
+    A stale socket file (nobody listening) is replaced. Raises
+    :class:`CapvisorError` naming the path when that fails or when another
+    broker is listening there.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        _remove_stale(path)
+        old = os.umask(0o177)  # the file is created 0600, never wider for an instant
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise CapvisorError(f"switchboard socket {path}: {exc.strerror}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _remove_stale(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise CapvisorError(f"switchboard socket {path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError:
+        return  # bind will report what is wrong
+    finally:
+        probe.close()
+    raise CapvisorError(f"switchboard socket {path}: another switchboard is serving there")

@@ -1,0 +1,263 @@
+"""A blocking switchboard client for programs: standard library only, no trio.
+
+A program given ``!server`` or ``!client`` finds its handle by name in
+``LISTEN_FDNAMES``::
+
+    from supervisor.switchboard_client import Handle
+
+    with Handle.from_listen_fds("api").server_start() as listener:
+        while True:
+            conn = listener.accept()          # a connected SOCK_STREAM socket
+            conn.socket.sendall(b"hello\\n")
+            conn.socket.close()
+
+and a client: ``Handle.from_listen_fds("db").client_connect({"role": "primary"})``.
+Failures the broker reports raise :class:`SwitchboardError` (``.code`` is one
+of docs/switchboard.md's error codes); a broken protocol raises
+:class:`ProtocolError`; the socket's own errors are :class:`OSError`.
+This module also implements :class:`supervisor.resolve.SwitchboardAccess`,
+which is how ``capvisor run --switchboard PATH`` resolves the tags.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .switchboard_protocol import (
+    MAX_FDS,
+    MAX_MESSAGE,
+    ProtocolError,
+    SwitchboardError,
+    check_reply,
+    decode_object,
+    encode,
+)
+
+__all__ = ["Connection", "Handle", "Incoming", "Listener", "ProtocolError", "SwitchboardError"]
+
+_ANCBUF = socket.CMSG_SPACE(4 * (MAX_FDS + 7))
+
+
+def _receive(sock: socket.socket) -> tuple[dict[str, Any], int | None]:
+    """One message and the fd it carried; raises ProtocolError or EOFError."""
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, raw in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", raw[: len(raw) - len(raw) % 4]))
+    try:
+        if not data and not fds:
+            raise EOFError("the switchboard closed the handle")
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) > MAX_FDS:
+            raise ProtocolError("malformed", "oversized message from the switchboard")
+        return decode_object(data), (fds.pop() if fds else None)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _send(sock: socket.socket, message: Mapping[str, Any]) -> None:
+    sock.sendmsg([encode(message)])
+
+
+@dataclass
+class Connection:
+    """A connected stream socket and the connection's labels (server's and client's)."""
+
+    socket: socket.socket
+    labels: dict[str, str]
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class Handle:
+    """A switchboard handle (owns its socket); use as a context manager."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, sock: socket.socket, *, timeout: float | None = 60.0) -> None:
+        self.socket = sock
+        self.socket.settimeout(timeout)
+
+    @classmethod
+    def connect(cls, path: str, *, timeout: float | None = 60.0) -> Handle:
+        """A root handle: connect to a broker's socket at ``path``."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, timeout=timeout)
+
+    @classmethod
+    def from_fd(cls, fd: int, *, timeout: float | None = 60.0) -> Handle:
+        """Take ownership of the handle at ``fd``."""
+        return cls(socket.socket(fileno=fd), timeout=timeout)
+
+    @classmethod
+    def from_listen_fds(cls, name: str, *, timeout: float | None = 60.0) -> Handle:
+        """The fd named ``name`` in ``LISTEN_FDNAMES`` (fds count from 3)."""
+        names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+        if name not in names:
+            raise LookupError(f"no fd named {name!r} in LISTEN_FDNAMES ({':'.join(names)})")
+        return cls.from_fd(3 + names.index(name), timeout=timeout)
+
+    def call(self, op: str, **fields: Any) -> tuple[Mapping[str, Any], int | None]:
+        """Send one request and wait for its reply: (reply, fd or None).
+
+        Raises :class:`SwitchboardError` when the reply reports a failure.
+        """
+        ident = next(self._ids)
+        _send(self.socket, {"op": op, "id": ident, **fields})
+        reply, fd = _receive(self.socket)
+        try:
+            if reply.get("id") != ident:
+                raise ProtocolError("malformed", f"reply to {reply.get('id')!r}, not {ident}")
+            check_reply(reply)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        return reply, fd
+
+    def _with_fd(self, op: str, **fields: Any) -> tuple[Mapping[str, Any], int]:
+        reply, fd = self.call(op, **fields)
+        if fd is None:
+            raise ProtocolError("malformed", f"the {op} reply carried no fd")
+        return reply, fd
+
+    def info(self) -> dict[str, Any]:
+        """This handle's rights, in_labels and out_labels."""
+        reply, _ = self.call("info")
+        return {k: reply[k] for k in ("rights", "in_labels", "out_labels")}
+
+    def constrain(
+        self,
+        rights: Iterable[str] | None = None,
+        in_labels: Mapping[str, str] | None = None,
+        out_labels: Mapping[str, str] | None = None,
+    ) -> Handle:
+        """A new handle with fewer rights (``None``: the same) and more labels."""
+        fields: dict[str, Any] = {}
+        if rights is not None:
+            fields["rights"] = list(rights)
+        if in_labels:
+            fields["in_labels"] = dict(in_labels)
+        if out_labels:
+            fields["out_labels"] = dict(out_labels)
+        _, fd = self._with_fd("constrain", **fields)
+        return Handle.from_fd(fd, timeout=self.socket.gettimeout())
+
+    def server_start(self, labels: Mapping[str, str] | None = None) -> Listener:
+        """Register a server; connections arrive on the returned listener."""
+        reply, fd = self._with_fd("server_start", labels=dict(labels or {}))
+        return Listener(socket.socket(fileno=fd), dict(reply.get("labels", {})))
+
+    def client_connect(self, labels: Mapping[str, str] | None = None) -> Connection:
+        """Connect to the one server (group) matching ``labels``."""
+        reply, fd = self._with_fd("client_connect", labels=dict(labels or {}))
+        return Connection(socket.socket(fileno=fd), dict(reply.get("labels", {})))
+
+    def list(self, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """The server groups matching ``labels`` (needs the ``list`` right)."""
+        reply, _ = self.call("list", labels=dict(labels or {}))
+        return list(reply["servers"])
+
+    # SwitchboardAccess (supervisor.resolve), for the supervisor itself.
+
+    def server_handle(self, labels: Mapping[str, str]) -> int:
+        """An fd of a new handle that may only start servers, with ``labels`` fixed."""
+        _, fd = self._with_fd("constrain", rights=["server_start"], in_labels=dict(labels))
+        return fd
+
+    def client_handle(self, labels: Mapping[str, str]) -> int:
+        """An fd of a new handle that may only connect, with ``labels`` fixed."""
+        _, fd = self._with_fd("constrain", rights=["client_connect"], out_labels=dict(labels))
+        return fd
+
+    def connect_fd(self, labels: Mapping[str, str]) -> int:
+        """An fd of a stream connected to the server matching ``labels``."""
+        _, fd = self._with_fd("client_connect", labels=dict(labels))
+        return fd
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Incoming:
+    """A connection the broker delivered, not yet accepted or refused."""
+
+    id: int
+    socket: socket.socket
+    labels: dict[str, str]
+
+
+class Listener:
+    """A started server: receives connections, accepts or refuses them."""
+
+    def __init__(self, sock: socket.socket, labels: dict[str, str]) -> None:
+        self.socket = sock
+        self.labels = labels
+
+    def receive(self) -> Incoming:
+        """Wait for the next delivered connection; answer it with accept or refuse.
+
+        Raises EOFError when the broker closed the listener.
+        """
+        while True:
+            message, fd = _receive(self.socket)
+            if message.get("event") == "connection" and fd is not None:
+                return Incoming(message["id"], socket.socket(fileno=fd), message["labels"])
+            if fd is not None:
+                os.close(fd)
+            if message.get("ok") is False:
+                check_reply(message)
+
+    def accept(self) -> Connection:
+        """Receive the next connection and accept it."""
+        incoming = self.receive()
+        try:
+            _send(self.socket, {"op": "accept", "id": incoming.id})
+        except BaseException:
+            incoming.socket.close()
+            raise
+        return Connection(incoming.socket, incoming.labels)
+
+    def answer(self, incoming: Incoming, refuse: str | None = None) -> None:
+        """Accept ``incoming`` or, with a reason, refuse it (its socket is then closed)."""
+        if refuse is None:
+            _send(self.socket, {"op": "accept", "id": incoming.id})
+        else:
+            incoming.socket.close()
+            _send(self.socket, {"op": "refuse", "id": incoming.id, "message": refuse})
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def close(self) -> None:
+        """Stop serving: the broker prunes this server."""
+        self.socket.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,277 @@
+"""The switchboard wire protocol and label algebra, shared by broker and clients.
+
+Sans-IO and standard library only (no trio), so programs can use it through
+:mod:`supervisor.switchboard_client`. The document is docs/switchboard.md;
+this module is its executable form:
+
+- a message is one SOCK_SEQPACKET packet holding one JSON object (UTF-8),
+  at most :data:`MAX_MESSAGE` bytes; fds travel in SCM_RIGHTS;
+- requests name an ``op``; replies echo the request's ``id``;
+- labels are string → string maps; merging two label sets fails on a key
+  both have with different values (a *conflict*).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Protocol version carried in every message as ``"v"``.
+VERSION = 1
+#: Largest message, in bytes, either direction.
+MAX_MESSAGE = 65536
+#: Most fds a message may carry: requests carry none, replies and events one.
+MAX_FDS = 1
+#: Most labels in one label set (after merging).
+MAX_LABELS = 64
+#: Longest label value, in bytes of UTF-8.
+MAX_LABEL_VALUE = 1024
+#: A label name: as in descriptions (``!server {service: api}``).
+LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]{0,252}")
+
+#: The rights a handle may have; the root socket's handles have all of them.
+RIGHTS = ("server_start", "client_connect", "list", "constrain")
+
+#: Request fields by op (besides ``v``, ``op`` and ``id``).
+REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
+    "info": (),
+    "constrain": ("rights", "in_labels", "out_labels"),
+    "server_start": ("labels",),
+    "client_connect": ("labels",),
+    "list": ("labels",),
+}
+#: Messages a server sends on its listener, answering a ``connection`` event.
+LISTENER_FIELDS: dict[str, tuple[str, ...]] = {
+    "accept": (),
+    "refuse": ("message",),
+}
+
+#: Error codes of failed replies (docs/switchboard.md, "Errors").
+ERRORS = (
+    "malformed",  # not a valid message; the handle is closed after this reply
+    "version",  # unsupported "v"
+    "unknown_op",  # an op this broker does not know
+    "permission",  # the handle lacks the right for the op
+    "conflict",  # merging label sets met a key with two values
+    "bad_labels",  # too many labels, a bad name or value
+    "no_match",  # no server matches the labels
+    "ambiguous",  # several servers that are not replicas match
+    "timeout",  # the server did not accept in time
+    "refused",  # the server refused the connection
+    "unavailable",  # the matching server went away while connecting
+    "resources",  # the broker is out of fds or memory for this request
+)
+
+Labels = dict[str, str]
+
+
+class ProtocolError(Exception):
+    """A message that does not follow the protocol; ``code`` is from :data:`ERRORS`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class SwitchboardError(Exception):
+    """A request the broker refused; ``code`` is from :data:`ERRORS`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{message} ({code})")
+
+
+# -- labels ------------------------------------------------------------------
+
+
+def format_labels(labels: Mapping[str, str]) -> str:
+    """``{service: api, tier: prod}``, keys sorted; ``{}`` when empty."""
+    return "{" + ", ".join(f"{k}: {labels[k]}" for k in sorted(labels)) + "}"
+
+
+def conflicts(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
+    """The keys present in both with different values, sorted."""
+    return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+
+
+def compatible(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
+    """Whether ``a`` and ``b`` merge without a conflict."""
+    return all(b.get(k, v) == v for k, v in a.items())
+
+
+def merge(base: Mapping[str, str], extra: Mapping[str, str], what: str = "labels") -> Labels:
+    """``base`` plus ``extra``; raises :class:`SwitchboardError` ``conflict`` naming the keys."""
+    clash = conflicts(base, extra)
+    if clash:
+        detail = ", ".join(f"{k}: {base[k]!r} vs {extra[k]!r}" for k in clash)
+        raise SwitchboardError("conflict", f"{what}: conflicting label values ({detail})")
+    merged = {**base, **extra}
+    if len(merged) > MAX_LABELS:
+        raise SwitchboardError("bad_labels", f"{what}: more than {MAX_LABELS} labels")
+    return merged
+
+
+def check_labels(value: Any, what: str) -> Labels:
+    """Validate a label map from a message; raises :class:`ProtocolError`."""
+    if not isinstance(value, dict):
+        raise ProtocolError("malformed", f"{what} must be an object of strings")
+    if len(value) > MAX_LABELS:
+        raise ProtocolError("bad_labels", f"{what}: more than {MAX_LABELS} labels")
+    for key, item in value.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise ProtocolError("bad_labels", f"{what}: bad label name {key!r}")
+        if not isinstance(item, str):
+            raise ProtocolError("malformed", f"{what}: label {key!r} must be a string")
+        if len(item.encode()) > MAX_LABEL_VALUE:
+            raise ProtocolError(
+                "bad_labels", f"{what}: label {key!r} is longer than {MAX_LABEL_VALUE} bytes"
+            )
+    return dict(value)
+
+
+def parse_label_words(words: Iterable[str]) -> Labels:
+    """``["service=api", "tier=prod,zone=a"]`` → labels; raises ValueError naming the word."""
+    labels: Labels = {}
+    for word in words:
+        for part in word.split(","):
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not LABEL_KEY.fullmatch(key):
+                raise ValueError(f"label {part!r} must be NAME=VALUE (names: {LABEL_KEY.pattern})")
+            if labels.get(key, value) != value:
+                raise ValueError(f"label {key!r} given twice with different values")
+            labels[key] = value
+    return labels
+
+
+# -- messages ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded request (``op`` set) or listener message, checked against its schema."""
+
+    op: str
+    id: int | str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """One message as compact UTF-8 JSON, ``"v"`` first."""
+    data = json.dumps(
+        {"v": VERSION, **message}, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    ).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError("malformed", f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    return data
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ProtocolError("malformed", f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError("malformed", f"{name} is not JSON")
+
+
+def decode_object(data: bytes) -> dict[str, Any]:
+    """Parse one packet into a JSON object; raises :class:`ProtocolError` ``malformed``."""
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError("malformed", f"message longer than {MAX_MESSAGE} bytes")
+    try:
+        obj = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("malformed", f"not UTF-8 at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise ProtocolError("malformed", f"not JSON: {exc.msg} at byte {exc.pos}") from None
+    except RecursionError:
+        raise ProtocolError("malformed", "JSON nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("malformed", "a message must be a JSON object")
+    return obj
+
+
+def _decode(data: bytes, schema: Mapping[str, tuple[str, ...]]) -> Message:
+    obj = decode_object(data)
+    ident = obj.get("id")
+    if ident is not None and (
+        isinstance(ident, bool)
+        or not isinstance(ident, int | str)
+        or (isinstance(ident, str) and len(ident) > 256)
+    ):
+        raise ProtocolError("malformed", "id must be an integer or a short string")
+    version = obj.get("v")
+    if version != VERSION:
+        raise ProtocolError(
+            "version", f"unsupported protocol version {version!r} (this is {VERSION})"
+        )
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError("malformed", 'a request needs "op"')
+    if op not in schema:
+        raise ProtocolError("unknown_op", f"unknown op {op!r} (known: {', '.join(schema)})")
+    allowed = schema[op]
+    fields = {k: v for k, v in obj.items() if k not in ("v", "op", "id")}
+    for key in fields:
+        if key not in allowed:
+            raise ProtocolError("malformed", f"{op}: unknown field {key!r}")
+    for key in ("labels", "in_labels", "out_labels"):
+        if key in fields:
+            fields[key] = check_labels(fields[key], key)
+    if "rights" in fields:
+        rights = fields["rights"]
+        if not isinstance(rights, list) or not all(isinstance(r, str) for r in rights):
+            raise ProtocolError("malformed", "rights must be a list of strings")
+        unknown = [r for r in rights if r not in RIGHTS]
+        if unknown:
+            raise ProtocolError("malformed", f"unknown rights {unknown} (rights: {list(RIGHTS)})")
+    if "message" in fields and not isinstance(fields["message"], str):
+        raise ProtocolError("malformed", f"{op}: message must be a string")
+    return Message(op, ident, fields)
+
+
+def decode_request(data: bytes) -> Message:
+    """A request on a handle; raises :class:`ProtocolError`."""
+    return _decode(data, REQUEST_FIELDS)
+
+
+def decode_listener_message(data: bytes) -> Message:
+    """``accept``/``refuse`` on a listener; raises :class:`ProtocolError`."""
+    return _decode(data, LISTENER_FIELDS)
+
+
+def ok_reply(ident: int | str | None, **fields: Any) -> bytes:
+    """A successful reply to the request ``ident``."""
+    return encode({"id": ident, "ok": True, **fields})
+
+
+def error_reply(ident: int | str | None, code: str, message: str) -> bytes:
+    """A failed reply to the request ``ident``."""
+    return encode({"id": ident, "ok": False, "error": code, "message": message})
+
+
+def check_reply(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A decoded reply, or :class:`SwitchboardError` when it reports a failure."""
+    if obj.get("ok") is True:
+        return obj
+    code = obj.get("error")
+    message = obj.get("message")
+    raise SwitchboardError(
+        code if isinstance(code, str) else "malformed",
+        message if isinstance(message, str) else f"a reply without ok: {obj!r}",
+    )
