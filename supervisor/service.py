@@ -154,7 +154,10 @@ class ContainerConfig:
     by container path). ``log_path`` is relative to the pod's log directory
     (or absolute); None: ``NAME.log`` there. ``restart`` overrides the
     description's restart policy (the CRI frontend passes
-    ``RestartPolicy("no")``: the kubelet restarts, not us).
+    ``RestartPolicy("no")``: the kubelet restarts, not us). ``identity`` are
+    the labels every ``!server`` handle of the program carries and cannot
+    override (empty: ``{program: NAME}``, the description's name); the CRI
+    frontend passes the pod's namespace, pod and container names.
     """
 
     name: str
@@ -166,6 +169,7 @@ class ContainerConfig:
     mounts: Mapping[str, HostMount] = field(default_factory=dict)
     log_path: str | None = None
     restart: RestartPolicy | None = None
+    identity: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: object) -> ContainerConfig:
@@ -590,6 +594,8 @@ class Service:
 
     async def _resolve(self, description: Description, config: ContainerConfig) -> LaunchPlan:
         kwargs: dict[str, Any] = {"mounts": dict(config.mounts)}
+        if config.identity:
+            kwargs["identity"] = dict(config.identity)
         if self._switchboard is not None:
             # The broker may run on this very trio loop: resolve in a thread,
             # one at a time (a switchboard handle answers one request at a time).
@@ -1087,6 +1093,7 @@ def _frozen_container_config(config: ContainerConfig) -> ContainerConfig:
         labels=dict(config.labels),
         annotations=dict(config.annotations),
         mounts=dict(config.mounts),
+        identity=dict(config.identity),
     )
 
 

@@ -626,6 +626,8 @@ def test_two_pods_talk_through_the_switchboard(
     # The server's handle carried the pod identity (namespace/pod/container), unforgeable.
     server_log = (logs / "echo-pod.log").read_text()
     assert "('program', 'default/echo-pod/echo')" in server_log
+    assert "('namespace', 'default')" in server_log and "('pod', 'echo-pod')" in server_log
+    assert "('container', 'echo')" in server_log
     assert "('service', 'echo')" in server_log
 
 

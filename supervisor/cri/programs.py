@@ -7,8 +7,9 @@ without one, is synthesized from the container's ``command``, ``args``,
 what a pod author must not choose:
 
 - ``program`` is the container's image (an executable in the image store);
-- ``name`` is ``NAMESPACE/POD/CONTAINER``, which ``!server`` handles carry
-  as their identity label ``program`` (the program cannot override it);
+- ``name`` is ``NAMESPACE/POD/CONTAINER``; ``!server`` handles carry it as
+  the identity label ``program``, with ``namespace``, ``pod`` and
+  ``container`` (the program cannot override them);
 - ``policy`` comes from the security context's seccomp profile
   (:func:`seccomp_policy`);
 - ``cwd`` is ``working_dir``, which must lie inside a mount (it is

@@ -273,6 +273,12 @@ class RuntimeService:
                 mounts=program.mounts,
                 log_path=config.log_path or None,
                 restart=RestartPolicy("no"),
+                identity={
+                    "program": f"{meta.namespace}/{meta.name}/{config.metadata.name}",
+                    "namespace": meta.namespace,
+                    "pod": meta.name,
+                    "container": config.metadata.name,
+                },
             ),
         )
         self.records.put(
