@@ -35,7 +35,7 @@ import trio
 
 from .errors import CapvisorError
 from .switchboard_protocol import (
-    MAX_FDS,
+    ANCILLARY_SPACE,
     MAX_MESSAGE,
     RIGHTS,
     Labels,
@@ -46,6 +46,7 @@ from .switchboard_protocol import (
     decode_request,
     encode,
     error_reply,
+    fds_of,
     format_labels,
     merge,
     ok_reply,
@@ -58,7 +59,6 @@ ACCEPT_TIMEOUT = 5.0
 _ATTEMPTS = 3
 #: Room for a few more fds than allowed, so extra ones are received and closed
 #: rather than silently dropped by the kernel (MSG_CTRUNC is still reported).
-_ANCBUF = socket.CMSG_SPACE(4 * (MAX_FDS + 7))
 _RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 
 
@@ -384,15 +384,6 @@ def _rights(*fds: int) -> tuple[int, int, bytes]:
     return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
 
 
-def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds.extend(array.array("i", data[:usable]))
-    return fds
-
-
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -409,11 +400,11 @@ async def _receive(sock: socket.socket) -> tuple[bytes | None, list[int], bool]:
     """One packet: its bytes (None at EOF), the fds it carried, whether truncated."""
     while True:
         try:
-            data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, _ANCBUF, _RECV_FLAGS)
+            data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, ANCILLARY_SPACE, _RECV_FLAGS)
             break
         except BlockingIOError:
             await trio.lowlevel.wait_readable(sock)
-    fds = _fds_of(ancdata)
+    fds = fds_of(ancdata)
     truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
     if not data and not fds and not truncated:
         return None, [], False

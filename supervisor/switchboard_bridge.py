@@ -13,7 +13,6 @@ Each bridge copies bytes both ways with half-close; it is in the data path
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import socket
@@ -24,38 +23,23 @@ from typing import Any
 import trio
 
 from .switchboard_protocol import (
-    MAX_FDS,
+    ANCILLARY_SPACE,
     MAX_MESSAGE,
     ProtocolError,
     SwitchboardError,
     check_reply,
-    decode_object,
+    decode_received,
     encode,
 )
 from .tags import Address
 
-_ANCBUF = socket.CMSG_SPACE(4 * (MAX_FDS + 7))
 #: How long egress tries to reach its address before refusing a connection.
 EGRESS_CONNECT_TIMEOUT = 3.0
 
 
 async def _receive(sock: trio.socket.SocketType) -> tuple[dict[str, Any], int | None]:
-    data, ancdata, flags, _ = await sock.recvmsg(MAX_MESSAGE, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
-    fds = [
-        fd
-        for level, kind, raw in ancdata
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-        for fd in array.array("i", raw[: len(raw) - len(raw) % 4])
-    ]
-    try:
-        if not data and not fds:
-            raise EOFError("the switchboard closed the socket")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) > MAX_FDS:
-            raise ProtocolError("malformed", "oversized message from the switchboard")
-        return decode_object(data), (fds.pop() if fds else None)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    received = await sock.recvmsg(MAX_MESSAGE, ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+    return decode_received(*received[:3])
 
 
 async def _open(path: str) -> trio.socket.SocketType:

@@ -21,7 +21,6 @@ which is how ``capvisor run --switchboard PATH`` resolves the tags.
 
 from __future__ import annotations
 
-import array
 import itertools
 import os
 import socket
@@ -30,36 +29,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from .switchboard_protocol import (
-    MAX_FDS,
+    ANCILLARY_SPACE,
     MAX_MESSAGE,
     ProtocolError,
     SwitchboardError,
     check_reply,
-    decode_object,
+    decode_received,
     encode,
 )
 
 __all__ = ["Connection", "Handle", "Incoming", "Listener", "ProtocolError", "SwitchboardError"]
 
-_ANCBUF = socket.CMSG_SPACE(4 * (MAX_FDS + 7))
-
 
 def _receive(sock: socket.socket) -> tuple[dict[str, Any], int | None]:
     """One message and the fd it carried; raises ProtocolError or EOFError."""
-    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, raw in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(array.array("i", raw[: len(raw) - len(raw) % 4]))
-    try:
-        if not data and not fds:
-            raise EOFError("the switchboard closed the handle")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) > MAX_FDS:
-            raise ProtocolError("malformed", "oversized message from the switchboard")
-        return decode_object(data), (fds.pop() if fds else None)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    return decode_received(*sock.recvmsg(MAX_MESSAGE, ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)[:3])
 
 
 def _send(sock: socket.socket, message: Mapping[str, Any]) -> None:

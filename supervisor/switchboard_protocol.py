@@ -13,8 +13,11 @@ this module is its executable form:
 
 from __future__ import annotations
 
+import array
 import json
+import os
 import re
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -275,3 +278,37 @@ def check_reply(obj: Mapping[str, Any]) -> Mapping[str, Any]:
         code if isinstance(code, str) else "malformed",
         message if isinstance(message, str) else f"a reply without ok: {obj!r}",
     )
+
+
+#: Ancillary buffer for receiving: room for more fds than allowed, so an
+#: oversized batch is seen (and closed) rather than truncated.
+ANCILLARY_SPACE = socket.CMSG_SPACE(4 * (MAX_FDS + 7))
+
+
+def fds_of(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an ``SCM_RIGHTS`` message carried (``recvmsg``'s ancdata)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+    return fds
+
+
+def decode_received(
+    data: bytes, ancdata: Iterable[tuple[int, int, bytes]], flags: int
+) -> tuple[dict[str, Any], int | None]:
+    """A message from the switchboard and the fd it carried, as ``recvmsg`` gave them.
+
+    Raises :class:`EOFError` when the switchboard closed the socket and
+    :class:`ProtocolError` for a malformed message; extra fds are closed.
+    """
+    fds = fds_of(ancdata)
+    try:
+        if not data and not fds:
+            raise EOFError("the switchboard closed the socket")
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) > MAX_FDS:
+            raise ProtocolError("malformed", "oversized message from the switchboard")
+        return decode_object(data), (fds.pop() if fds else None)
+    finally:
+        for fd in fds:
+            os.close(fd)
