@@ -8,6 +8,7 @@ Exit codes (docs/cli.md):
   127      the program does not exist
   128+N    ``run``: the program was killed by signal N
   2        bad command line
+  141      the reader of capvisor's standard output went away (``| head``)
   70       an internal error (a bug in capvisor; please report it)
 """
 
@@ -37,6 +38,7 @@ from .switchboard_cli import root_handle as switchboard_handle
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
+EXIT_BROKEN_PIPE = 128 + 13  # as if killed by SIGPIPE, like other filters
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -153,6 +155,13 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_CAPVISOR if failed else 0
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``capvisor`` console script; returns the exit code."""
     parser = _parser()
@@ -167,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `capvisor … | head`: the reader left; say nothing, like cat
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # a bug: one line, not a traceback, unless asked for
         if os.environ.get("CAPVISOR_DEBUG"):
             raise

@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -399,3 +400,17 @@ def test_a_child_sees_exactly_what_show_lists(
         denied = number in [getattr(errno, m) for m in MARKERS] + [errno.EPERM]
         seen = errno.errorcode[number] if denied else "allow"
         assert seen == expected, (text, name, arg1, line)
+
+
+def test_a_reader_that_leaves_early_is_not_an_error() -> None:
+    # `capvisor policy show default --json | true`: a quiet 141, never "internal error".
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "policy", "show", "default", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # gone before capvisor (still importing) writes a byte
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == cli.EXIT_BROKEN_PIPE, stderr
+    assert stderr == ""
