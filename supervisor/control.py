@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from .errors import CapvisorError
+from .unixsock import bind_private, short_path
 
 #: The longest request line accepted.
 MAX_REQUEST = 64 << 10
@@ -33,19 +33,6 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 class ControlError(CapvisorError):
     """The supervisor is unreachable or refused the request."""
-
-
-@contextlib.contextmanager
-def _short_path(path: Path) -> Iterator[str]:
-    """``path`` itself, or ``/proc/self/fd/N/NAME`` when it is too long for sun_path."""
-    if len(os.fsencode(path)) < 100:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
 
 
 def bind(path: Path) -> trio.socket.SocketType:
@@ -63,13 +50,7 @@ def bind(path: Path) -> trio.socket.SocketType:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        old = os.umask(0o177)  # born 0600: no window in which others may connect
-        try:
-            with _short_path(path) as where:
-                sock.bind(where)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
+        bind_private(sock, path)
         sock.listen(64)
     except OSError as exc:
         sock.close()
@@ -124,7 +105,7 @@ def request(path: Path, req: dict[str, Any], *, timeout: float | None = 120.0) -
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
-        with _short_path(path) as where:
+        with short_path(path) as where:
             sock.connect(where)
         sock.sendall(json.dumps(req).encode() + b"\n")
         data = b""

@@ -52,6 +52,7 @@ from .switchboard_protocol import (
     ok_reply,
 )
 from .switchboard_registry import Registry, Target
+from .unixsock import bind_private
 
 #: Default bound on delivering a connection and having it accepted, seconds.
 ACCEPT_TIMEOUT = 5.0
@@ -447,12 +448,7 @@ def bind_root(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         _remove_stale(path)
-        old = os.umask(0o177)  # the file is created 0600, never wider for an instant
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
+        bind_private(sock, path)
         sock.listen(128)
     except OSError as exc:
         sock.close()
