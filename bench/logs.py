@@ -135,7 +135,7 @@ def main() -> int:
     parser.add_argument(
         "--read-size",
         type=int,
-        help="override supervisor.logs.READ_SIZE (bytes per pipe read) to tune it",
+        help="override supervisor.logs.READ_SIZE (most bytes per pipe read) to tune it",
     )
     parser.add_argument(
         "--dir", help="where inputs and outputs go (default: the system's temporary directory)"
@@ -167,7 +167,9 @@ def main() -> int:
     print(
         f"# {args.size_mib} MiB per input, {args.rounds} rounds, medians; "
         f"{os.cpu_count()} CPUs, {os.uname().release}; "
-        f"files in {args.dir or tempfile.gettempdir()}; pump reads {logs.READ_SIZE} bytes at a time"
+        f"files in {args.dir or tempfile.gettempdir()}; "
+        f"pump reads up to {logs.READ_SIZE} bytes at a time; "
+        "load average %.2f %.2f %.2f" % os.getloadavg()
     )
     for note in notes:
         print(f"# {note}")

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -37,20 +39,28 @@ __all__ = [
     "LogEvent",
     "LogFile",
     "LogSink",
+    "VectorSink",
     "WaitingSink",
     "pump",
     "timestamp",
 ]
 
 DEFAULT_MAX_LINE = 16384
-#: Bytes read from a pipe at once. 64 KiB keeps a chunk and its records (about
-#: 1.6x for 64-byte lines) under glibc's 128 KiB mmap threshold and in the CPU
-#: cache; with 128 KiB and larger reads every chunk became an mmap/munmap with
-#: fresh page faults, 2-3x the CPU per byte (bench/logs.py).
-READ_SIZE = 1 << 16
+#: Bytes read from a pipe at once when it holds that much. Fewer, larger reads
+#: and writes cost less CPU per byte (bench/logs.py: 256 KiB took about 30 %
+#: less than 64 KiB on 64-byte lines; larger gained nothing more). This only
+#: pays because a chunk's records are written with writev straight from the
+#: replace result: joining them into one string again (and again for each
+#: concatenation) made every chunk above 128 KiB fresh mmap'ed memory with
+#: page faults, 3x the CPU.
+READ_SIZE = 1 << 18
+#: A pump asks for this much first, and for :data:`READ_SIZE` only after a read
+#: came back full (the pipe holds more): a read of a few bytes into a
+#: 256 KiB buffer costs an mmap and munmap (17 us instead of 1.3 us).
+FIRST_READ = 1 << 16
 #: A pump busy with a continuous stream lets other tasks run after this many
 #: chunks (at most about half a millisecond of work).
-CHUNKS_PER_CHECKPOINT = 4
+CHUNKS_PER_CHECKPOINT = 2
 #: The capacity asked for the log pipes (F_SETPIPE_SZ; the kernel caps it at
 #: /proc/sys/fs/pipe-max-size): a program can write this much ahead of the pump.
 PIPE_SIZE = 1 << 20
@@ -64,17 +74,25 @@ def timestamp(ns: int | None = None) -> bytes:
     if ns is None:
         ns = time.time_ns()
     seconds, fraction = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode() + b".%09dZ" % fraction
+    return b"%s.%09dZ" % (_seconds_text(seconds), fraction)
+
+
+@functools.lru_cache(maxsize=4)
+def _seconds_text(seconds: int) -> bytes:
+    # Chunks come many per second: format the date and time once per second.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode()
 
 
 @dataclass
 class Framer:
     """Turns one stream's bytes into CRI records; no I/O.
 
-    Feed chunks in order with :meth:`feed`; call :meth:`finish` at end of
-    input for the unterminated tail. Lines are never merged across streams.
-    Cost is a few C-level passes over each chunk (find, replace); the only
-    Python loops run per ``max_line``-sized piece, never per line or byte.
+    Feed chunks in order with :meth:`feed` (or :meth:`frame`, which returns the
+    records as buffers to write with one ``writev``); call :meth:`finish` at
+    end of input for the unterminated tail. Lines are never merged across
+    streams. Cost is one ``bytes.replace`` over each chunk plus a ``find`` per
+    ``max_line / 2`` bytes; Python loops run per over-long line and per
+    ``max_line``-sized piece of it, never per line or byte.
     """
 
     stream: str
@@ -85,76 +103,129 @@ class Framer:
         if self.max_line < 1:
             raise ValueError("max_line must be at least 1")
         # A run of more than max_line non-newline bytes covers a whole block of
-        # this size that starts at a multiple of it: checking one find() per
+        # this size in any tiling of the bytes after it starts: one find() per
         # block finds every over-long line.
         self._block = (self.max_line + 1) // 2
         self._stream = self.stream.encode()
 
     def feed(self, chunk: bytes, ns: int | None = None) -> bytes:
         """Records for every complete line of ``chunk`` (and any over-long prefix)."""
+        return b"".join(self.frame(chunk, ns))
+
+    def frame(self, chunk: bytes, ns: int | None = None) -> list[bytes | memoryview]:
+        """Like :meth:`feed`, as a list of buffers whose concatenation is the records.
+
+        The buffers are views of one ``bytes.replace`` result and of ``chunk``:
+        written with ``os.writev`` they are never copied into one string.
+        """
         if not chunk:
-            return b""
+            return []
         data = self._pending + chunk if self._pending else chunk
         end = data.rfind(b"\n")
         if end < 0:
             self._pending = data
             return self._cut_long_tail(ns)
-        self._pending = data[end + 1 :]
         full = self._prefix(b"F", ns)
-        if not self._has_long_line(data, end):
-            # The hot path: one prefix per line with C-level replace, no Python loop.
-            out = full + data[:end].replace(b"\n", b"\n" + full) + b"\n"
+        sep = b"\n" + full
+        long_lines = self._long_lines(data, end)
+        if not long_lines:
+            # The hot path: a prefix after every newline with one C-level
+            # replace (the tail after the last newline included, then cut off
+            # by the view: no slice copied before or after the replace).
+            framed = data.replace(b"\n", sep)
+            drop = len(full) + len(data) - end - 1
+            parts: list[bytes | memoryview] = [full, memoryview(framed)[: len(framed) - drop]]
         else:
-            out = b"".join(self._long_line(line, full, ns) for line in data[:end].split(b"\n"))
+            parts = []
+            start = 0
+            for line_start, line_end in long_lines:
+                if line_start > start:  # short lines before the long one: one replace
+                    parts += (full, data[start : line_start - 1].replace(b"\n", sep), b"\n")
+                self._cut_line(memoryview(data), line_start, line_end, full, parts, ns)
+                start = line_end + 1
+            if start <= end:
+                parts += (full, data[start:end].replace(b"\n", sep), b"\n")
+        self._pending = data[end + 1 :]
         if len(self._pending) > self.max_line:
-            out += self._cut_long_tail(ns)
-        return out
+            parts += self._cut_long_tail(ns)
+        return parts
 
     def finish(self, ns: int | None = None) -> bytes:
         """The record for an unterminated tail (``P``), if any."""
         tail, self._pending = self._pending, b""
         return self._prefix(b"P", ns) + tail + b"\n" if tail else b""
 
-    def _has_long_line(self, data: bytes, end: int) -> bool:
-        """Whether some line of ``data[:end]`` is longer than ``max_line``."""
+    def _long_lines(self, data: bytes, end: int) -> list[tuple[int, int]]:
+        """(start, newline index) of each line of ``data[:end + 1]`` longer than ``max_line``."""
         if end <= self.max_line:
-            return False
+            return []
+        found = []
         block = self._block
-        for start in range(0, end, block):
-            if data.find(b"\n", start, min(start + block, end)) < 0:
-                line_start = data.rfind(b"\n", 0, start) + 1
-                line_end = data.find(b"\n", start, end + 1)
-                if line_end - line_start > self.max_line:
-                    return True
-        return False
+        start = 0
+        while start < end:
+            if data.find(b"\n", start, start + block) >= 0:
+                start += block
+                continue
+            line_start = data.rfind(b"\n", 0, start) + 1
+            line_end = data.find(b"\n", start)  # found: data[end] is a newline
+            if line_end - line_start > self.max_line:
+                found.append((line_start, line_end))
+            start = line_end + 1  # the blocks after a newline tile the rest anew
+        return found
 
     def _prefix(self, tag: bytes, ns: int | None) -> bytes:
-        return timestamp(ns) + b" " + self._stream + b" " + tag + b" "
+        return b"%s %s %s " % (timestamp(ns), self._stream, tag)
 
-    def _long_line(self, line: bytes, full: bytes, ns: int | None) -> bytes:
-        if len(line) <= self.max_line:
-            return full + line + b"\n"
+    def _cut_line(
+        self,
+        view: memoryview,
+        start: int,
+        end: int,
+        full: bytes,
+        parts: list[bytes | memoryview],
+        ns: int | None,
+    ) -> None:
+        """Records of the over-long line ``view[start:end]``: ``P`` pieces, the last ``F``."""
         partial = self._prefix(b"P", ns)
-        pieces = [line[i : i + self.max_line] for i in range(0, len(line), self.max_line)]
-        last = pieces.pop()
-        return b"".join(partial + p + b"\n" for p in pieces) + full + last + b"\n"
+        step = self.max_line
+        last = start + (end - start - 1) // step * step
+        for i in range(start, last, step):
+            parts += (partial, view[i : i + step], b"\n")
+        parts += (full, view[last:end], b"\n")
 
-    def _cut_long_tail(self, ns: int | None) -> bytes:
+    def _cut_long_tail(self, ns: int | None) -> list[bytes | memoryview]:
         if len(self._pending) <= self.max_line:
-            return b""
+            return []
+        data = self._pending
         partial = self._prefix(b"P", ns)
-        keep = len(self._pending) % self.max_line or self.max_line
-        head, self._pending = self._pending[:-keep], self._pending[-keep:]
-        return b"".join(
-            partial + head[i : i + self.max_line] + b"\n"
-            for i in range(0, len(head), self.max_line)
-        )
+        keep = len(data) % self.max_line or self.max_line
+        view = memoryview(data)
+        parts: list[bytes | memoryview] = []
+        for i in range(0, len(data) - keep, self.max_line):
+            parts += (partial, view[i : i + self.max_line], b"\n")
+        self._pending = data[-keep:]
+        return parts
 
 
 class LogSink(Protocol):
     """Where records go. ``write`` gets whole records and must keep them whole."""
 
     def write(self, records: bytes) -> None: ...
+
+
+@runtime_checkable
+class VectorSink(Protocol):
+    """A sink that also takes records as buffers to concatenate (``writev``).
+
+    The pump prefers ``write_parts`` when a sink has it: the records of a
+    chunk then reach the file without being joined into one string first.
+    """
+
+    def write(self, records: bytes) -> None: ...
+
+    def write_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        """``write(b"".join(parts))``."""
+        ...
 
 
 @runtime_checkable
@@ -183,29 +254,32 @@ async def pump(
     either way what is still buffered in the pipe and the unterminated tail
     are written before returning (waiting at most :data:`FINAL_FLUSH_TIMEOUT`
     for a sink that cannot take them). Memory stays bounded: one read of at
-    most :data:`READ_SIZE` bytes is in flight per pipe; while the sink cannot
-    write, the pipe is not read and the writer blocks once the pipe
-    (:data:`PIPE_SIZE`) is full. At cancellation the pipe's content (at most
+    most :data:`READ_SIZE` bytes (and its records) is in flight per pipe;
+    while the sink cannot write, the pipe is not read and the writer blocks
+    once the pipe (:data:`PIPE_SIZE`) is full. At cancellation the pipe's content (at most
     :data:`PIPE_SIZE`) is read at once.
     """
     framer = Framer(stream, max_line)
     waiting = isinstance(sink, WaitingSink)
+    emit = sink.write_parts if isinstance(sink, VectorSink) else _joining(sink)
     with contextlib.suppress(OSError):  # a bigger pipe: the program runs ahead of us
         fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     os.set_blocking(read_fd, False)
     try:
         chunks = 0
+        size = FIRST_READ
         while True:
             # Read while there is data; yield to other tasks every few chunks
             # (trio's FdStream would pass through the scheduler on every read).
             try:
-                chunk = os.read(read_fd, READ_SIZE)
+                chunk = os.read(read_fd, size)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(read_fd)
                 continue
             if not chunk:
                 break
-            sink.write(framer.feed(chunk))
+            size = READ_SIZE if len(chunk) == size else FIRST_READ
+            emit(framer.frame(chunk))
             if waiting:
                 await sink.wait_written()  # type: ignore[attr-defined]
             chunks += 1
@@ -215,7 +289,7 @@ async def pump(
         with trio.CancelScope(shield=True):
             # Whatever is still buffered in the pipe was written by the program:
             # keep it even when the pump is being cancelled.
-            _drain_nonblocking(read_fd, framer, sink)
+            _drain_nonblocking(read_fd, framer, emit)
             sink.write(framer.finish())
             if waiting:
                 with trio.move_on_after(FINAL_FLUSH_TIMEOUT):
@@ -224,7 +298,15 @@ async def pump(
             os.close(read_fd)
 
 
-def _drain_nonblocking(fd: int, framer: Framer, sink: LogSink) -> None:
+Emit = Callable[[Sequence[bytes | memoryview]], None]
+
+
+def _joining(sink: LogSink) -> Emit:
+    """``sink.write`` for sinks without ``write_parts``: the buffers joined."""
+    return lambda parts: sink.write(b"".join(parts))
+
+
+def _drain_nonblocking(fd: int, framer: Framer, emit: Emit) -> None:
     os.set_blocking(fd, False)
     while True:
         try:
@@ -233,4 +315,4 @@ def _drain_nonblocking(fd: int, framer: Framer, sink: LogSink) -> None:
             return
         if not chunk:
             return
-        sink.write(framer.feed(chunk))
+        emit(framer.frame(chunk))

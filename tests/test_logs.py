@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -10,6 +11,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from supervisor.logfile import IOV_MAX, LogEvent
 from supervisor.logs import FdSink, Framer, pump, timestamp
 
 from .cri_log import records, stream_bytes
@@ -18,6 +20,17 @@ from .cri_log import records, stream_bytes
 def frame_all(chunks: list[bytes], max_line: int, stream: str = "stdout") -> bytes:
     framer = Framer(stream, max_line)
     return b"".join(framer.feed(c) for c in chunks) + framer.finish()
+
+
+def reference(data: bytes, max_line: int) -> list[tuple[str, bytes]]:
+    """(tag, content) of each record, framed line by line the obvious way."""
+    *lines, tail = data.split(b"\n")
+    out = []
+    for line, last_tag in [*((line, "F") for line in lines), (tail, "P")]:
+        pieces = [line[i : i + max_line] for i in range(0, len(line), max_line)] or [b""]
+        if line or last_tag == "F":
+            out += [("P", p) for p in pieces[:-1]] + [(last_tag, pieces[-1])]
+    return out
 
 
 def test_timestamp_is_rfc3339_nano_utc() -> None:
@@ -64,6 +77,86 @@ def test_framing_round_trips(data: bytes, cuts: list[int], max_line: int) -> Non
     out = frame_all(chunks, max_line)
     assert stream_bytes(out, "stdout") == data
     assert all(len(r.content) <= max_line for r in records(out))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(st.integers(0, 120), max_size=40),
+    cuts=st.lists(st.integers(0, 3000), max_size=10),
+    max_line=st.integers(1, 40),
+)
+def test_framing_matches_a_line_by_line_reference(
+    lines: list[int], cuts: list[int], max_line: int
+) -> None:
+    """Exact records, timestamp included, for short and over-long lines in any chunking."""
+    data = b"".join(bytes([65 + i % 26]) * n + b"\n" for i, n in enumerate(lines)) + b"tail"
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    framer = Framer("stderr", max_line)
+    ns = 1_795_431_311_000_000_007
+    out = b"".join(framer.feed(data[a:b], ns) for a, b in itertools.pairwise(bounds))
+    out += framer.finish(ns)
+    expected = reference(data, max_line)
+    assert out == b"".join(
+        b"2026-11-23T10:55:11.000000007Z stderr %s %s\n" % (tag.encode(), content)
+        for tag, content in expected
+    )
+
+
+def test_write_parts_more_buffers_than_writev_takes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    events: list[LogEvent] = []
+    sink = FdSink.open(str(tmp_path / "log"), on_event=events.append)
+    framer = Framer("stdout", max_line=3)
+    data = b"".join(b"%d\n" % i for i in range(2000)) + b"x" * 5000 + b"\n"
+    parts = framer.frame(data)
+    assert len(parts) > IOV_MAX
+    sink.write_parts(parts)
+    sink.close()
+    assert events == []
+    assert stream_bytes((tmp_path / "log").read_bytes(), "stdout") == data
+
+
+def test_write_parts_short_write_keeps_the_rest() -> None:
+    """A pipe that takes only part of one writev: the rest follows, whole and in order."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # 64 KiB: a short writev
+    sink = FdSink(write_fd)
+    sink.write_parts(Framer("stdout").frame(b"y" * 100_000 + b"\n"))
+    assert 0 < sink.pending < 100_000
+    sink.write_parts(Framer("stderr").frame(b"after\n"))
+    got = bytearray()
+
+    async def drain() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sink.wait_written)
+            while sink.pending or not got:
+                with contextlib.suppress(BlockingIOError):
+                    got.extend(os.read(read_fd, 1 << 20))
+                await trio.sleep(0.001)
+        with contextlib.suppress(BlockingIOError):
+            got.extend(os.read(read_fd, 1 << 20))
+
+    trio.run(drain)
+    sink.close()
+    os.close(read_fd)
+    assert stream_bytes(bytes(got), "stdout") == b"y" * 100_000 + b"\n"
+    assert [(r.stream, len(r.content)) for r in records(bytes(got))][-2:] == [
+        ("stdout", 100_000 - 6 * 16384),
+        ("stderr", 5),
+    ]
+
+
+async def test_pump_large_reads_keep_exact_records(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Megabytes at once (reads up to READ_SIZE): long lines across reads, exact records."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    sink = FdSink.open(str(tmp_path / "log"))
+    short = b"".join(b"line %d\n" % i for i in range(100_000))
+    payload = short + b"L" * 300_000 + b"\n" + short + b"z" * 40_000
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump, read_fd, "stdout", sink)
+        nursery.start_soon(trio.to_thread.run_sync, _write_all, write_fd, payload)
+    sink.close()
+    got = records((tmp_path / "log").read_bytes())
+    assert [(r.tag, r.content) for r in got] == reference(payload, 16384)
 
 
 async def test_pump_reads_a_real_pipe_to_eof(tmp_path) -> None:  # type: ignore[no-untyped-def]

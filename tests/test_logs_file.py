@@ -31,16 +31,30 @@ def batches(total: int, per_batch: int) -> Iterator[tuple[bytes, bytes]]:
         yield data, framer.feed(data)
 
 
+def send(log: FdSink, framer: Framer, data: bytes, how: str) -> None:
+    """The records of ``data`` to ``log`` joined (``write``) or as buffers (``write_parts``)."""
+    if how == "write":
+        log.write(framer.feed(data))
+    else:
+        log.write_parts(framer.frame(data))
+
+
+WAYS = pytest.mark.parametrize("how", ["write", "write_parts"])
+
+
 def read_all(log: LogFile) -> bytes:
     return b"".join(p.read_bytes() for p in [*log.rotated_files(), Path(log.path)])
 
 
-def test_rotation_keeps_records_whole_and_files_small(tmp_path: Path) -> None:
+@WAYS
+def test_rotation_keeps_records_whole_and_files_small(tmp_path: Path, how: str) -> None:
     events: list[LogEvent] = []
     log = LogFile(tmp_path / "app.log", max_size=4096, max_files=1000, on_event=events.append)
     written = bytearray()
-    for data, recs in batches(3000, 37):
-        log.write(recs)
+    framer = Framer("stdout")
+    for start in range(0, 3000, 37):
+        data = numbered(start, min(3000, start + 37))
+        send(log, framer, data, how)
         written += data
     log.close()
     files = [*log.rotated_files(), tmp_path / "app.log"]
@@ -154,16 +168,17 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-async def test_full_disk_keeps_records_and_resumes(tiny_tmpfs: Path) -> None:
+@WAYS
+async def test_full_disk_keeps_records_and_resumes(tiny_tmpfs: Path, how: str) -> None:
     """ENOSPC mid-record: the torn record is cut off the file, kept, and written whole
     once space returns; a reopen asked for meanwhile loses and doubles nothing."""
     events: list[LogEvent] = []
     log = LogFile(tiny_tmpfs / "app.log", on_event=events.append)
     framer = Framer("stdout")
     program = numbered(0, 1000)
-    log.write(framer.feed(program[:4000]))
+    send(log, framer, program[:4000], how)
     filler = fill(tiny_tmpfs)
-    log.write(framer.feed(program[4000:]))  # more than fits: part written, the rest kept
+    send(log, framer, program[4000:], how)  # more than fits: part written, the rest kept
     assert log.pending > 0
     assert [e.kind for e in events] == ["write-failed"]
     assert "No space left on device" in str(events[0])
@@ -186,14 +201,15 @@ async def test_full_disk_keeps_records_and_resumes(tiny_tmpfs: Path) -> None:
     assert len(records(new)) > 1
 
 
-def test_disk_that_stays_full_keeps_whole_records(tiny_tmpfs: Path) -> None:
+@WAYS
+def test_disk_that_stays_full_keeps_whole_records(tiny_tmpfs: Path, how: str) -> None:
     events: list[LogEvent] = []
     log = LogFile(tiny_tmpfs / "app.log", on_event=events.append)
     framer = Framer("stdout")
-    log.write(framer.feed(numbered(0, 10)))  # the file's page is partly used
+    send(log, framer, numbered(0, 10), how)  # the file's page is partly used
     fill(tiny_tmpfs)
     for i in range(10, 20000, 100):  # fills that page up mid-record, then ENOSPC
-        log.write(framer.feed(numbered(i, i + 100)))
+        send(log, framer, numbered(i, i + 100), how)
     log.close()
     assert [e.kind for e in events] == ["write-failed", "lost"]
     assert str(events[1]).endswith("before it was closed and are lost")
