@@ -15,6 +15,7 @@ Exit codes (docs/cli.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from .errors import EXIT_CAPVISOR, CapvisorError, ConfinementError, ProblemsErro
 from .logfile import FdSink, LogEvent, LogFile, reopen_on_signals
 from .logs_cli import register as register_logs
 from .policy_cli import register as register_policy
-from .process import run_plan
+from .process import orphans_reaped_then_killed, run_plan
 from .resolve import resolve
 from .switchboard_cli import register as register_switchboard
 from .switchboard_cli import root_handle as switchboard_handle
@@ -133,10 +134,12 @@ def _run(args: argparse.Namespace) -> int:
         raise CapvisorError(f"{where}: {exc.strerror}") from exc
 
     async def supervise() -> int:
-        if isinstance(sink, LogFile):  # SIGHUP: reopen the log (after rotation by others)
-            async with reopen_on_signals(sink):
-                return (await run_plan(plan, sink)).shell_code
-        return (await run_plan(plan, sink)).shell_code
+        program: set[int] = set()  # its exit is waited for by run_plan, not reaped as a stray
+        async with orphans_reaped_then_killed(program), contextlib.AsyncExitStack() as stack:
+            if isinstance(sink, LogFile):  # SIGHUP: reopen the log (after rotation by others)
+                await stack.enter_async_context(reopen_on_signals(sink))
+            status = await run_plan(plan, sink, on_started=lambda child: program.add(child.pid))
+            return status.shell_code
 
     try:
         return trio.run(supervise)

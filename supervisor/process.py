@@ -13,13 +13,14 @@ import contextlib
 import dataclasses
 import os
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from . import audit, logs, native, policy
+from . import audit, logs, native, policy, proctree
 from .description import StopPolicy
 from .resolve import LaunchPlan, LogPipe
 
@@ -228,3 +229,51 @@ async def _stop_on_signal(
         async for _ in received:
             await child.stop(policy)
             return
+
+
+@asynccontextmanager
+async def orphans_reaped_then_killed(known: set[int]) -> AsyncIterator[None]:
+    """Adopt the program's orphaned descendants while open; kill what is left at exit.
+
+    For a supervisor of one program (``capvisor run``): this process becomes
+    the child subreaper, so a descendant that left the program's session
+    (a double-forked daemon) is reparented here instead of to init. Those
+    are reaped as they die; on leaving, every one still alive is SIGKILLed
+    and reaped, so none outlives the supervision unobserved. ``known`` are
+    the children someone else waits for (the program itself); it may change
+    while open. The service has its own, recorded variant (service.py).
+    """
+    was_subreaper = proctree.set_child_subreaper(True)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_reap_adopted, known)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        for _ in range(_KILL_ROUNDS):  # a killed stray's own children come to us next
+            _, alive = proctree.reap_strays(known)
+            if not alive:
+                break
+            proctree.kill_all(alive, signal.SIGKILL)
+            for pid in alive:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        proctree.set_child_subreaper(was_subreaper)
+
+
+#: Bound on kill-and-reap rounds for strays that were forking as they died.
+_KILL_ROUNDS = 16
+
+
+async def _reap_adopted(known: set[int]) -> None:
+    with trio.open_signal_receiver(signal.SIGCHLD) as received:
+        while True:
+            with trio.move_on_after(_REAP_INTERVAL):
+                await received.__anext__()
+            proctree.reap_strays(known)
+
+
+#: How often adopted orphans are reaped when no SIGCHLD arrived.
+_REAP_INTERVAL = 2.0

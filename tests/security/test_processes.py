@@ -7,8 +7,10 @@ Targets are the supervisor itself (the program's parent) and a throwaway
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -228,3 +230,31 @@ def test_escapes_from_python(hostile: Hostile, bystander: subprocess.Popen[bytes
         "mount EPERM",
         "done",
     ]
+
+
+@attack("whole-tree stop: a descendant that left the program's session", "subreaper, cgroup")
+def test_daemon_outside_the_session(hostile: Hostile) -> None:
+    # A daemon in a session of its own is not in the program's process group
+    # (the pause lets it get there): `capvisor run` adopts it as the child
+    # subreaper and kills it once the program is done (`up` and the service:
+    # its cgroup, or the subreaper at stop; tests/test_up.py, test_service.py).
+    hostile.user.own(hostile.work)
+    out = hostile.run(
+        "/bin/sh",
+        "-c",
+        "setsid /bin/sleep 300 </dev/null >/dev/null 2>&1 & echo $! >&3; /bin/sleep 0.3; echo done",
+        extra="""
+        fds:
+          pid: !file {path: daemon.pid, mode: w, create: true}
+        runtime: [/usr/bin/setsid, /bin/sleep]
+        """,
+    )
+    assert out.lines == ["done"]
+    pid = int((hostile.work / "daemon.pid").read_text())
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        cmdline = b""
+    if cmdline == b"/bin/sleep\x00300\x00":
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"HOLE: the daemon {pid} outlived capvisor run")
