@@ -8,12 +8,17 @@ growth beyond a measured bound. Long variants are marked ``slow``
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +31,8 @@ from supervisor.resolve import LaunchPlan, resolve
 
 from .conftest import IS_ROOT, Capvisor, User
 from .cri_log import records, stream_bytes
-from .security.harness import Snapshot, rss_kib, zombies
+from .security.harness import Snapshot, fuzz_budget, rss_kib, zombies
+from .test_up import Up, alive, wait_for
 
 
 class MemorySink:
@@ -224,3 +230,101 @@ def test_log_disk_fills_up(work: Path, small_tmpfs: Path) -> None:
         ) from exc
     # stdout and stderr interleave in no fixed order: look at stdout's first record.
     assert next(r for r in whole if r.stream == "stdout").content == b"line 0 of the log"
+
+
+# -- SIGKILL of `capvisor up` while it writes state -------------------------------
+
+#: Programs that keep the supervisor writing: three that crash and restart every
+#: few milliseconds, one that runs, one that finished, one stopped by hand.
+BUSY_SET = """\
+programs:
+  steady: {program: /bin/sleep, args: ["1000"]}
+  done: {program: /bin/true}
+  flap1: &flap
+    program: /bin/sh
+    args: [-c, 'exit 1']
+    restart: {policy: always, backoff: 1ms..5ms, limit: 100000, stable: 1h}
+  flap2: *flap
+  flap3: *flap
+  held: {program: /bin/sleep, args: ["1000"]}
+"""
+BUSY_NAMES = ["steady", "done", "flap1", "flap2", "flap3", "held"]
+
+
+@pytest.fixture
+def killable(as_user: User, work: Path) -> Iterator[Up]:
+    as_user.own(work)
+    runner = Up(as_user, work)
+    yield runner
+    runner.stop()
+    if runner.proc is not None and runner.proc.poll() is None:
+        runner.proc.kill()
+        runner.proc.wait()
+
+
+def _hammer(up: Up, stop: threading.Event) -> None:
+    """Control commands on ``held`` as fast as they are answered, until ``stop``.
+
+    ``steady`` is left alone: it is the witness that was running at the kill.
+    """
+    while not stop.is_set():
+        with contextlib.suppress(Exception):  # the supervisor may be dead already
+            up.cli(random.choice(["restart", "stop", "start"]), "held", check=False, timeout=10)
+
+
+def _ps(up: Up) -> dict[str, list[str]]:
+    """`capvisor ps` as ``{name: columns}``; empty while no supervisor answers yet."""
+    answer = up.cli("ps", check=False)
+    if answer.returncode != 0:
+        assert "no supervisor" in answer.stderr, answer.stderr
+        return {}
+    rows = answer.stdout.splitlines()
+    return {row.split()[0]: row.split() for row in rows[1:]}
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+
+
+def test_sigkill_while_writing_state_leaves_a_sound_database(killable: Up) -> None:
+    """Repeatedly SIGKILL `up` during a burst of restarts and control commands.
+
+    After each kill the database passes ``PRAGMA integrity_check``; the next
+    `up` starts, and `ps` shows every program, a running program's pid is
+    really that program, a program killed with the supervisor says
+    ``137 SupervisorDied``, and nothing of an earlier run survives.
+    """
+    up = killable
+    up.write(BUSY_SET)
+    db = up.work / ".capvisor-capvisor" / "state.db"
+    rounds = fuzz_budget(4)
+    survivors: list[int] = []
+    for n in range(rounds + 1):
+        up.start()
+        # `up.err` keeps earlier runs' lines, so wait for this run's answers.
+        wait_for(lambda: _ps(up).get("steady", [""] * 2)[1] == "running")
+        ps = _ps(up)
+        assert sorted(ps) == sorted(BUSY_NAMES), ps
+        steady = int(ps["steady"][2])
+        assert _cmdline(steady) == ["/bin/sleep", "1000"], "ps names a pid that is not steady"
+        if n:
+            assert "137 SupervisorDied" in " ".join(ps["steady"]), ps["steady"]
+            wait_for(lambda: _ps(up).get("done", [""] * 2)[1] == "exited")
+            assert _ps(up)["done"][5:7] == ["0", "Completed"]
+            assert all(int(ps[f][4]) > 0 for f in ("flap1", "flap2", "flap3")), ps
+            wait_for(lambda old=survivors: not any(alive(pid) for pid in old), timeout=10)
+        if n == rounds:
+            break
+        stop = threading.Event()
+        hammer = threading.Thread(target=_hammer, args=(up, stop))
+        hammer.start()
+        time.sleep(random.uniform(0.2, 1.0))
+        assert up.proc is not None
+        survivors = [steady]
+        up.proc.send_signal(signal.SIGKILL)
+        up.proc.wait()
+        stop.set()
+        hammer.join()
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert "Traceback" not in up.stderr(), up.stderr()
