@@ -360,25 +360,30 @@ DAEMON = (
 )
 
 
+async def start_daemon(svc: Service, tmp_path: Path, out: Path) -> tuple[str, int]:
+    """Start the DAEMON program; its container id and the pid of the daemon it left behind."""
+    pod_id = await pod(svc, tmp_path)
+    cid = await svc.create_container(
+        pod_id,
+        config(
+            tmp_path,
+            "daemon",
+            DAEMON.format(out=out),
+            fds=f"{{out: !mount {{path: {out}, mode: rw}}}}",
+        ),
+    )
+    await svc.start_container(cid)
+    await wait_for(lambda: (out / "daemon.pid").exists() and (out / "daemon.pid").read_text())
+    return cid, read_pid(out / "daemon.pid")
+
+
 async def test_stop_kills_double_forked_daemon_through_the_cgroup(
     tmp_path: Path, needs_cgroup: None
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
     async with open_service(tmp_path / "state") as svc:
-        pod_id = await pod(svc, tmp_path)
-        cid = await svc.create_container(
-            pod_id,
-            config(
-                tmp_path,
-                "daemon",
-                DAEMON.format(out=out),
-                fds=f"{{out: !mount {{path: {out}, mode: rw}}}}",
-            ),
-        )
-        await svc.start_container(cid)
-        await wait_for(lambda: (out / "daemon.pid").exists() and (out / "daemon.pid").read_text())
-        daemon = read_pid(out / "daemon.pid")
+        cid, daemon = await start_daemon(svc, tmp_path, out)
         info = proctree.stat(daemon)
         assert info is not None and info.sid == daemon  # escaped the program's session
         await wait_for(lambda: (proctree.stat(daemon) or info).ppid == os.getpid())  # adopted
@@ -394,19 +399,7 @@ async def test_without_cgroup_an_escaped_daemon_is_reaped_and_killed_at_shutdown
     out = tmp_path / "out"
     out.mkdir()
     async with open_service(tmp_path / "state", cgroups=False) as svc:
-        pod_id = await pod(svc, tmp_path)
-        cid = await svc.create_container(
-            pod_id,
-            config(
-                tmp_path,
-                "daemon",
-                DAEMON.format(out=out),
-                fds=f"{{out: !mount {{path: {out}, mode: rw}}}}",
-            ),
-        )
-        await svc.start_container(cid)
-        await wait_for(lambda: (out / "daemon.pid").exists() and (out / "daemon.pid").read_text())
-        daemon = read_pid(out / "daemon.pid")
+        cid, daemon = await start_daemon(svc, tmp_path, out)
         await wait_for(lambda: (proctree.stat(daemon) or proctree.stat(1)).ppid == os.getpid())
         await svc.stop_container(cid, timeout=10)
     # Leaving the service killed and reaped the stray it had adopted.
