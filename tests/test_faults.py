@@ -256,10 +256,7 @@ def killable(as_user: User, work: Path) -> Iterator[Up]:
     as_user.own(work)
     runner = Up(as_user, work)
     yield runner
-    runner.stop()
-    if runner.proc is not None and runner.proc.poll() is None:
-        runner.proc.kill()
-        runner.proc.wait()
+    runner.close()
 
 
 def _hammer(up: Up, stop: threading.Event) -> None:

@@ -75,6 +75,13 @@ class Up:
             self.cli("down", check=False)
             self.proc.wait(timeout=30)
 
+    def close(self) -> None:
+        """Stop it with `down`; kill it if that did not (a test that failed midway)."""
+        self.stop()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
@@ -94,9 +101,7 @@ def up(as_user: User, work: Path) -> Iterator[Up]:
     as_user.own(work)
     runner = Up(as_user, work)
     yield runner
-    runner.stop()
-    if runner.proc is not None and runner.proc.poll() is None:
-        runner.proc.kill()
+    runner.close()
 
 
 SET = """\
