@@ -241,12 +241,13 @@ async def orphans_reaped_then_killed(known: set[int]) -> AsyncIterator[None]:
     are reaped as they die; on leaving, every one still alive is SIGKILLed
     and reaped, so none outlives the supervision unobserved. ``known`` are
     the children someone else waits for (the program itself); it may change
-    while open. The service has its own, recorded variant (service.py).
+    while open. The service runs the same :func:`reap_adopted` and records
+    the live strays instead (service.py).
     """
     was_subreaper = proctree.set_child_subreaper(True)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_reap_adopted, known)
+            nursery.start_soon(reap_adopted, lambda: known)
             try:
                 yield
             finally:
@@ -267,13 +268,26 @@ async def orphans_reaped_then_killed(known: set[int]) -> AsyncIterator[None]:
 _KILL_ROUNDS = 16
 
 
-async def _reap_adopted(known: set[int]) -> None:
+async def reap_adopted(
+    known: Callable[[], set[int]],
+    on_scan: Callable[[list[int], list[int]], None] | None = None,
+) -> None:
+    """As the child subreaper: reap adopted orphans as they die, until cancelled.
+
+    Scans after each burst of SIGCHLD, and every :data:`REAP_INTERVAL`
+    seconds in any case; ``known()`` are the children someone else waits
+    for. ``on_scan(reaped, alive)`` sees each scan's result (the service
+    records the live strays).
+    """
     with trio.open_signal_receiver(signal.SIGCHLD) as received:
         while True:
-            with trio.move_on_after(_REAP_INTERVAL):
+            with trio.move_on_after(REAP_INTERVAL):
                 await received.__anext__()
-            proctree.reap_strays(known)
+                await trio.sleep(0.05)  # one scan for a burst of exits
+            reaped, alive = proctree.reap_strays(known())
+            if on_scan is not None:
+                on_scan(reaped, alive)
 
 
-#: How often adopted orphans are reaped when no SIGCHLD arrived.
-_REAP_INTERVAL = 2.0
+#: How often adopted orphans are looked for when no SIGCHLD came, seconds.
+REAP_INTERVAL = 2.0

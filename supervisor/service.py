@@ -54,7 +54,7 @@ from . import cgroup, proctree, tags
 from .description import Description, RestartPolicy, StopPolicy, parse_description
 from .errors import EXIT_NOT_FOUND, CapvisorError, ConfinementError, ProblemsError
 from .logfile import LogEvent, LogFile
-from .process import DRAIN_GRACE, Child, ExitStatus, run_plan
+from .process import DRAIN_GRACE, Child, ExitStatus, reap_adopted, run_plan
 from .resolve import HostMount, LaunchPlan, SwitchboardAccess, resolve
 from .restart import RestartTracker
 from .state import StateStore
@@ -265,6 +265,7 @@ class Service:
         self._containers: dict[str, _Container] = {}
         self._by_name: dict[tuple[str, str, int], _Container] = {}  # (pod, name, attempt)
         self._exec_pids: set[int] = set()
+        self._recorded_strays: set[int] = set()  # live strays written to the state
         self._changed = trio.Event()
         self._resolve_lock = trio.Lock()
 
@@ -868,27 +869,18 @@ class Service:
         known = {c.child.pid for c in self._containers.values() if c.child is not None}
         return known | self._exec_pids
 
-    async def _reap_strays(self) -> None:
-        """Reap adopted orphans as they die; record live ones (killed at shutdown/restart)."""
-        recorded: set[int] = set()
-        with trio.open_signal_receiver(signal.SIGCHLD) as received:
-            while True:
-                with trio.move_on_after(STRAY_SCAN_INTERVAL):
-                    await received.__anext__()
-                    await trio.sleep(0.05)  # one scan for a burst of exits
-                reaped, alive = proctree.reap_strays(self._known_pids())
-                for pid in reaped:
-                    if pid in recorded:
-                        recorded.discard(pid)
-                        self._store.remove_stray(pid)
-                for pid in alive:
-                    if pid not in recorded and (start := proctree.start_time(pid)) is not None:
-                        recorded.add(pid)
-                        self._store.add_stray(pid, start)
+    def _record_strays(self, reaped: list[int], alive: list[int]) -> None:
+        """Keep the live strays in the state (killed at shutdown or the next start)."""
+        for pid in reaped:
+            if pid in self._recorded_strays:
+                self._recorded_strays.discard(pid)
+                self._store.remove_stray(pid)
+        for pid in alive:
+            if pid not in self._recorded_strays and (start := proctree.start_time(pid)) is not None:
+                self._recorded_strays.add(pid)
+                self._store.add_stray(pid, start)
 
 
-#: How often the subreaper looks for adopted orphans when no SIGCHLD came.
-STRAY_SCAN_INTERVAL = 2.0
 #: The most output :meth:`Service.exec_sync` keeps per stream.
 EXEC_OUTPUT_LIMIT = 16 << 20
 
@@ -929,7 +921,7 @@ async def open_service(
             service._recover()
             was_subreaper = proctree.set_child_subreaper(True) if subreaper else None
             if subreaper:
-                nursery.start_soon(service._reap_strays)
+                nursery.start_soon(reap_adopted, service._known_pids, service._record_strays)
             try:
                 yield service
             finally:
