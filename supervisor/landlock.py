@@ -159,9 +159,14 @@ def read_exec_rights(abi: int, is_dir: bool) -> int:
     return rights & handled_fs(abi)
 
 
+#: Never granted, not even in a read-write mount: creating device nodes. (The
+#: capability drop already takes CAP_MKNOD; this is the second layer.)
+FS_DEVICE_NODES = FS_MAKE_CHAR | FS_MAKE_BLOCK
+
+
 def read_write_rights(abi: int, is_dir: bool) -> int:
-    """Everything handled; for a non-directory only the file rights."""
-    rights = handled_fs(abi)
+    """Everything handled but device nodes; for a non-directory only the file rights."""
+    rights = handled_fs(abi) & ~FS_DEVICE_NODES
     return rights if is_dir else rights & FS_FILE_RIGHTS
 
 

@@ -56,6 +56,10 @@ def do(op, *a):
         os.truncate(a[0], 0)
     elif op == "symlink":
         os.symlink(a[0], a[1])
+    elif op == "mknod_char":  # /dev/null's numbers
+        os.mknod(a[0], 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+    elif op == "mkfifo":
+        os.mkfifo(a[0])
     elif op == "connect_abstract":
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect("\0" + a[0])
@@ -134,7 +138,9 @@ def test_grant_rights(abi: int) -> None:
     rx_file = landlock.read_exec_rights(abi, is_dir=False)
     assert rx_file == landlock.FS_EXECUTE | landlock.FS_READ_FILE
     assert landlock.read_exec_rights(abi, is_dir=True) == rx_file | landlock.FS_READ_DIR
-    assert landlock.read_write_rights(abi, is_dir=True) == landlock.handled_fs(abi)
+    rw_dir = landlock.read_write_rights(abi, is_dir=True)
+    assert rw_dir == landlock.handled_fs(abi) & ~landlock.FS_DEVICE_NODES
+    assert rw_dir & landlock.FS_MAKE_FIFO and not rw_dir & landlock.FS_MAKE_CHAR
     rw_file = landlock.read_write_rights(abi, is_dir=False)
     assert rw_file & ~landlock.FS_FILE_RIGHTS == 0
     assert rw_file & landlock.FS_WRITE_FILE
@@ -271,6 +277,23 @@ def test_read_write_grant(tmp_path: Path, python_ruleset_factory: MakeRuleset) -
     ]
     assert probe(ruleset, ops) == ["ok"] * 7 + ["EACCES"]
     assert os.listdir(rw) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a device node needs CAP_MKNOD (root)")
+def test_read_write_grant_makes_no_device_nodes(
+    tmp_path: Path, python_ruleset_factory: MakeRuleset
+) -> None:
+    # The probe keeps root's CAP_MKNOD (it is not spawned through capvisor),
+    # so only Landlock stands between it and a device node in the rw mount.
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    ruleset = python_ruleset_factory(PathGrant(str(rw), writable=True, reason="mount data"))
+    assert probe(ruleset, [["mknod_char", f"{rw}/null"], ["mkfifo", f"{rw}/fifo"]]) == [
+        "EACCES",
+        "ok",
+    ]
+    assert unconfined([["mknod_char", f"{tmp_path}/control"]]) == ["ok"]  # root could
+    assert sorted(os.listdir(rw)) == ["fifo"]
 
 
 def test_symlink_pointing_out_grants_nothing(
