@@ -21,7 +21,7 @@ from typing import Any, Literal
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 
 from .errors import Location
-from .yamlsrc import Source, scalar_text, suggest, tag_of
+from .yamlsrc import Source, scalar_text, suggest, tag_of, unknown_key
 
 LONG_PREFIX = "tag:capvisor.dev,2026:"
 CLOUDABI_PREFIX = "tag:nuxi.nl,2015:cloudabi/"
@@ -194,10 +194,7 @@ class _TagReader:
             return CommentedMap()
         for key in self.node:
             if key not in allowed:
-                self.error(
-                    self.source.key_at(self.node, key),
-                    f"unknown key {key!r} in {self.tag}{suggest(str(key), allowed)}",
-                )
+                self.error(self.source.key_at(self.node, key), unknown_key(key, self.tag, allowed))
         for key in required:
             if key not in self.node:
                 self.error(None, f"{self.tag} needs {key!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,16 @@ class Source:
         allowed = list(allowed)
         for key in node:
             if key not in allowed:
-                self.error(
-                    self.key_at(node, key),
-                    f"unknown key {key!r} in {what}{suggest(str(key), allowed)}",
-                )
+                self.error(self.key_at(node, key), unknown_key(key, what, allowed))
+
+
+def unknown_key(key: Any, what: str, allowed: Iterable[str]) -> str:
+    """The message for a key of ``what`` that is not one of ``allowed``."""
+    if isinstance(key, Mapping):
+        return f"a mapping cannot be a key in {what} (keys: {', '.join(allowed)})"
+    if isinstance(key, tuple | list):
+        return f"a sequence cannot be a key in {what} (keys: {', '.join(allowed)})"
+    return f"unknown key {key!r} in {what}{suggest(str(key), allowed)}"
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
