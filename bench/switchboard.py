@@ -1,6 +1,6 @@
 """Switchboard cost: brokered connections against direct unix sockets.
 
-Run: .venv/bin/python bench/switchboard.py [--rounds N] [--connects N] [--mib N]
+Run: .venv/bin/python bench/switchboard.py [--rounds N] [--connects N] [--mib N] [--pin CPU]
 
 One run starts a broker (`capvisor switchboard serve`, its own process) and
 two server processes: a plain unix-socket server (the baseline) and a
@@ -22,12 +22,23 @@ per-round ratios (robust when a noisy neighbour hits one round).
   to EOF, so connection setup is not part of it.
 - the broker's CPU time per brokered connection, from /proc (10 ms ticks,
   so only meaningful over a whole round).
+- a floor reference: the same brokered connect through ``relay_floor.c``, a
+  C relay that does only what any broker must (a socketpair, one end to the
+  server, one to the client; no labels, no checks). What it costs over
+  direct is the price of having a broker at all, with these endpoints on
+  this machine. Skipped when there is no C compiler.
+
+``--pin CPU`` runs everything on one CPU: latency is then the CPU work on
+the critical path, without the cross-CPU wakeups that dominate on a
+virtual machine (a brokered connect has three process hops where a direct
+one has one).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -198,6 +209,17 @@ def brokered_mib_s(handle: Handle, board: str, mib: int) -> float:
 # -- the run ------------------------------------------------------------------------
 
 
+def build_floor(tmp: str) -> str | None:
+    """Compile relay_floor.c into ``tmp``; None without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    binary = f"{tmp}/relay_floor"
+    source = str(Path(__file__).resolve().parent / "relay_floor.c")
+    subprocess.run([cc, "-O2", "-o", binary, source], check=True)
+    return binary
+
+
 def _start(argv: list[str], word: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -213,8 +235,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connects", type=int, default=500, help="connections per round")
     parser.add_argument("--mib", type=int, default=256, help="MiB per bulk transfer")
+    parser.add_argument("--pin", type=int, metavar="CPU", help="run everything on this CPU")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})  # inherited by every process started below
     if args.role:
         role, *rest = args.role
         if role == "direct-server":
@@ -226,7 +251,7 @@ def main() -> None:
         return
 
     tmp = tempfile.mkdtemp(prefix="capvisor-bench-")
-    board, direct = f"{tmp}/board.sock", f"{tmp}/direct.sock"
+    board, direct, floor = f"{tmp}/board.sock", f"{tmp}/direct.sock", f"{tmp}/floor.sock"
     py = sys.executable
     procs = [
         _start([py, "-m", "supervisor", "switchboard", "serve", board], "serving"),
@@ -235,9 +260,14 @@ def main() -> None:
         procs.append(_start([py, __file__, "--role", "direct-server", direct], "ready"))
         procs.append(_start([py, __file__, "--role", "board-server", board], "ready"))
         handle = Handle.connect(board)
-        results: dict[str, list[float]] = {
-            k: [] for k in ("lat_d", "lat_b", "rate_d", "rate_b", "bulk_d", "bulk_b", "broker_cpu")
-        }
+        floor_handle = None
+        floor_binary = build_floor(tmp)
+        if floor_binary is not None:
+            procs.append(_start([floor_binary, floor], "serving"))
+            procs.append(_start([py, __file__, "--role", "board-server", floor], "ready"))
+            floor_handle = Handle.connect(floor)
+        measures = ("lat_d", "lat_b", "lat_f", "rate_d", "rate_b", "bulk_d", "bulk_b", "broker_cpu")
+        results: dict[str, list[float]] = {k: [] for k in measures}
         per_worker = args.connects
         for _ in range(args.rounds):
             results["lat_d"].append(latency_us(lambda: direct_once(direct), args.connects))
@@ -245,18 +275,23 @@ def main() -> None:
             results["lat_b"].append(latency_us(lambda: brokered_once(handle), args.connects))
             spent = cpu_seconds(procs[0].pid) - before
             results["broker_cpu"].append(spent / args.connects * 1e6)
+            if floor_handle is not None:
+                results["lat_f"].append(
+                    latency_us(lambda: brokered_once(floor_handle), args.connects)
+                )
             results["rate_d"].append(rate("direct", direct, per_worker))
             results["rate_b"].append(rate("board", board, per_worker))
             results["bulk_d"].append(socketpair_mib_s(args.mib))
             results["bulk_b"].append(brokered_mib_s(handle, board, args.mib))
-        med = {k: statistics.median(v) for k, v in results.items()}
+        med = {k: statistics.median(v) for k, v in results.items() if v}
 
         def paired(ours: str, base: str) -> float:
             """Median of the per-round ratios: robust when a round is hit by noise."""
             pairs = zip(results[ours], results[base], strict=True)
             return statistics.median(o / b for o, b in pairs)
 
-        print(f"rounds={args.rounds} connects/round={args.connects} bulk={args.mib} MiB")
+        pinned = f" pinned to CPU {args.pin}" if args.pin is not None else ""
+        print(f"rounds={args.rounds} connects/round={args.connects} bulk={args.mib} MiB{pinned}")
         print("| measure | direct / socketpair (baseline) | brokered | ratio | per-round ratio |")
         print("|---|---:|---:|---:|---:|")
         for label, base, ours in (
@@ -268,6 +303,18 @@ def main() -> None:
                 f"| {label} | {med[base]:.0f} | {med[ours]:.0f} "
                 f"| {med[ours] / med[base]:.2f} | {paired(ours, base):.2f} |"
             )
+        if "lat_f" in med:
+            print(
+                f"| floor: connect through relay_floor.c, µs | {med['lat_d']:.0f} "
+                f"| {med['lat_f']:.0f} | {med['lat_f'] / med['lat_d']:.2f} "
+                f"| {paired('lat_f', 'lat_d'):.2f} |"
+            )
+            print(
+                f"capvisor's broker over the floor: {med['lat_b'] / med['lat_f']:.2f} times "
+                f"(+{med['lat_b'] - med['lat_f']:.0f} µs)"
+            )
+        else:
+            print("floor: skipped (no C compiler)")
         print(f"broker CPU per brokered connection (utime+stime): {med['broker_cpu']:.0f} µs")
         print("per round:", {k: [round(x) for x in v] for k, v in results.items()})
     finally:

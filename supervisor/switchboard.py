@@ -4,15 +4,19 @@ One trio task per handle and one per started server; no threads. A *handle*
 is an AF_UNIX SOCK_SEQPACKET socket whose requests (docs/switchboard.md) the
 broker answers one at a time, with its rights and in/out labels checked on
 every request. ``server_start`` returns a *listener* socket on which the
-broker delivers connections (one end of a fresh socketpair, in SCM_RIGHTS)
-and the server accepts or refuses each; ``client_connect`` returns the other
-end once the server accepted. After that the broker is out of the data path.
+broker delivers connections: one end of a fresh socketpair, in SCM_RIGHTS.
+``client_connect`` returns the other end at once, with the accept timeout;
+the server answers on the connection itself (ACCEPT, or REFUSE and a
+reason), and the client waits for that answer at most the accept timeout.
+The broker is then out of the data path, and it never waits for a server
+to answer, so a stalled server cannot delay anyone but its own clients.
 
-Bounded waits: delivery plus acceptance must finish within
-``accept_timeout`` or the client gets a ``timeout`` error; other handles are
-never blocked by it. A malformed message gets a ``malformed`` reply and its
-handle (or listener) is closed; nothing else is affected. A listener that
-reaches EOF (the server exited or closed it) is pruned at once.
+Bounded waits: a server whose listener is full (it stopped taking
+connections) makes ``client_connect`` fail with ``timeout`` after
+``accept_timeout``; other handles are never blocked by it. A malformed
+message gets a ``malformed`` reply and its handle (or listener) is closed;
+nothing else is affected. A listener that reaches EOF (the server exited or
+closed it) is pruned at once.
 
 Embedding: run :meth:`Broker.run` (no socket) or :meth:`Broker.serve` (a root
 socket at a path, created 0600) in a nursery; :meth:`Broker.open_handle`
@@ -24,10 +28,13 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import fcntl
 import itertools
 import os
 import socket
 import stat
+import struct
+import termios
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -36,13 +43,16 @@ import trio
 from .errors import CapvisorError
 from .switchboard_protocol import (
     ANCILLARY_SPACE,
+    ATTEMPTS,
     MAX_MESSAGE,
     RIGHTS,
+    SEQPACKET,
+    STREAM,
+    TRUNCATED,
     Labels,
     Message,
     ProtocolError,
     SwitchboardError,
-    decode_listener_message,
     decode_request,
     encode,
     error_reply,
@@ -50,17 +60,18 @@ from .switchboard_protocol import (
     format_labels,
     merge,
     ok_reply,
+    unavailable,
 )
 from .switchboard_registry import Registry, Target
 from .unixsock import bind_private
 
-#: Default bound on delivering a connection and having it accepted, seconds.
+#: Default bound on a server taking and answering a connection, seconds.
 ACCEPT_TIMEOUT = 5.0
-#: Servers tried in turn when the chosen one turns out to be gone.
-_ATTEMPTS = 3
+#: What sending to a listener fails with when its server has gone.
+_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN})
 #: Room for a few more fds than allowed, so extra ones are received and closed
 #: rather than silently dropped by the kernel (MSG_CTRUNC is still reported).
-_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 
 
 @dataclass(frozen=True)
@@ -72,26 +83,24 @@ class Handle:
     out_labels: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class _Answer:
-    """A connection's fate as the server reports it on its listener."""
-
-    event: trio.Event = field(default_factory=trio.Event)
-    op: str = ""  # accept | refuse | gone
-    message: str = ""
-
-
 @dataclass(eq=False)
 class _Endpoint:
     """The broker's side of a listener."""
 
     sock: socket.socket
     send_lock: trio.Lock = field(default_factory=trio.Lock)
-    waiting: dict[int, _Answer] = field(default_factory=dict)
+
+    def backlog(self) -> int:
+        """Bytes of connection events the server has not taken yet (SIOCOUTQ)."""
+        try:
+            queued = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return 0
+        return struct.unpack("i", queued)[0]
 
 
-class _Gone(Exception):
-    """The chosen server went away while a connection was being delivered."""
+def _backlog(target: Target) -> int:
+    return target.endpoint.backlog()
 
 
 class Broker:
@@ -158,9 +167,7 @@ class Broker:
         if unknown:
             raise ValueError(f"unknown rights {sorted(unknown)}")
         handle = Handle(frozenset(rights), dict(in_labels or {}), dict(out_labels or {}))
-        ours, theirs = socket.socketpair(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
-        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, SEQPACKET)
         ours.setblocking(False)
         self._nursery.start_soon(self._serve_handle, ours, handle)
         return theirs
@@ -247,7 +254,7 @@ class Broker:
             {
                 "labels": group.labels,
                 "replicas": len(group.replicas),
-                "pending": sum(t.pending for t in group.replicas),
+                "backlog": sum(_backlog(t) for t in group.replicas),
                 "connections": sum(t.delivered for t in group.replicas),
             }
             for group in self.registry.matching(labels)
@@ -272,9 +279,7 @@ class Broker:
 
     def _start_server(self, labels: Labels) -> int:
         assert self._nursery is not None
-        ours, theirs = socket.socketpair(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
-        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, SEQPACKET)
         ours.setblocking(False)
         target = Target(labels, _Endpoint(ours))
         self.registry.add(target)
@@ -282,95 +287,92 @@ class Broker:
         return theirs.detach()
 
     async def _serve_listener(self, target: Target) -> None:
+        """Watch a listener until the server closes it; a server sends nothing on it."""
         endpoint: _Endpoint = target.endpoint
         try:
-            for served in itertools.count(1):
-                if served % 16 == 0:
-                    await trio.lowlevel.checkpoint()
-                data, fds, truncated = await _receive(endpoint.sock)
-                _close_all(fds)
-                if data is None or truncated or fds:
-                    return
-                try:
-                    message = decode_listener_message(data)
-                except ProtocolError as exc:
-                    reply = error_reply(None, exc.code, exc.message)
-                    await _send(endpoint.sock, reply, lock=endpoint.send_lock)
-                    return
-                answer = endpoint.waiting.get(message.id)  # type: ignore[arg-type]
-                if answer is not None and not answer.event.is_set():
-                    answer.op = message.op
-                    answer.message = message.fields.get("message", "")
-                    answer.event.set()
+            data, fds, _ = await _receive(endpoint.sock)
+            _close_all(fds)
+            if data is not None or fds:
+                reply = error_reply(
+                    None,
+                    "malformed",
+                    "a listener takes no messages: answer a connection on the "
+                    "connection itself (protocol version 2)",
+                )
+                await _send(endpoint.sock, reply, lock=endpoint.send_lock)
         except (OSError, trio.ClosedResourceError):
-            return
+            pass
         finally:
             self._prune(target)
 
     def _prune(self, target: Target) -> None:
-        """Forget a server that went away; its waiting clients try another."""
+        """Forget a server that went away."""
         self.registry.remove(target)
         endpoint: _Endpoint = target.endpoint
-        for answer in endpoint.waiting.values():
-            if not answer.event.is_set():
-                answer.op = "gone"
-                answer.event.set()
         if endpoint.sock.fileno() >= 0:
             trio.lowlevel.notify_closing(endpoint.sock)
             endpoint.sock.close()
 
     async def _connect(self, labels: Labels, ident: int | str | None) -> tuple[bytes, int]:
-        for _ in range(_ATTEMPTS):
-            target = self.registry.choose(labels)
+        for _ in range(ATTEMPTS):
+            target = self.registry.choose(labels, load=_backlog)
             connection = {**target.labels, **labels}
-            with contextlib.suppress(_Gone):
-                fd = await self._deliver(target, connection)
-                return ok_reply(ident, labels=connection), fd
-        raise SwitchboardError(
-            "unavailable", f"the servers matching {format_labels(labels)} went away"
-        )
-
-    async def _deliver(self, target: Target, labels: Labels) -> int:
-        """Hand a new connection to ``target``; the client's end once it accepted."""
-        endpoint: _Endpoint = target.endpoint
-        ident = next(self._ids)
-        answer = _Answer()
-        client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        event = encode({"event": "connection", "id": ident, "labels": labels})
-        endpoint.waiting[ident] = answer
-        target.pending += 1
-        try:
-            with trio.move_on_after(self.accept_timeout) as scope:
-                if not await _send(endpoint.sock, event, server.fileno(), endpoint.send_lock):
-                    self._prune(target)
-                    raise _Gone
+            client, server = socket.socketpair(socket.AF_UNIX, STREAM)
+            try:
+                delivered = await self._deliver(target, connection, server.fileno())
+            except BaseException:
+                client.close()
+                raise
+            finally:
                 server.close()
-                await answer.event.wait()
-        except BaseException:
+            if delivered:
+                target.delivered += 1
+                reply = ok_reply(ident, labels=connection, accept_timeout=self.accept_timeout)
+                return reply, client.detach()
             client.close()
-            raise
-        finally:
-            server.close()
-            endpoint.waiting.pop(ident, None)
-            target.pending -= 1
-        if scope.cancelled_caught:
-            client.close()
-            raise SwitchboardError(
-                "timeout",
-                f"server {format_labels(target.labels)} did not accept the connection "
-                f"within {self.accept_timeout:g} s",
-            )
-        if answer.op == "gone":
-            client.close()
-            raise _Gone
-        if answer.op == "refuse":
-            client.close()
-            reason = f": {answer.message}" if answer.message else ""
-            raise SwitchboardError(
-                "refused", f"server {format_labels(target.labels)} refused the connection{reason}"
-            )
-        target.delivered += 1
-        return client.detach()
+        raise unavailable(labels)
+
+    async def _deliver(self, target: Target, labels: Labels, fd: int) -> bool:
+        """Queue a connection event with ``fd`` on the target's listener.
+
+        False when the server is gone (it is pruned); raises ``timeout`` when
+        its listener stays full for the accept timeout.
+        """
+        endpoint: _Endpoint = target.endpoint
+        event = [encode({"event": "connection", "labels": labels})]
+        ancdata = [_rights(fd)]
+        try:
+            endpoint.sock.sendmsg(event, ancdata)
+            return True
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise
+            self._prune(target)
+            return False
+        with trio.move_on_after(self.accept_timeout):
+            try:
+                async with endpoint.send_lock:
+                    while True:
+                        await trio.lowlevel.wait_writable(endpoint.sock)
+                        try:
+                            endpoint.sock.sendmsg(event, ancdata)
+                            return True
+                        except BlockingIOError:
+                            continue
+            except trio.ClosedResourceError:  # pruned meanwhile
+                return False
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    raise
+                self._prune(target)
+                return False
+        raise SwitchboardError(
+            "timeout",
+            f"server {format_labels(target.labels)} did not take the connection within "
+            f"{self.accept_timeout:g} s (it has not taken its earlier ones)",
+        )
 
 
 def _describe(handle: Handle) -> dict[str, object]:
@@ -406,7 +408,7 @@ async def _receive(sock: socket.socket) -> tuple[bytes | None, list[int], bool]:
         except BlockingIOError:
             await trio.lowlevel.wait_readable(sock)
     fds = fds_of(ancdata)
-    truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+    truncated = bool(flags & TRUNCATED)
     if not data and not fds and not truncated:
         return None, [], False
     return data, fds, truncated
@@ -445,7 +447,7 @@ def bind_root(path: str) -> socket.socket:
     :class:`CapvisorError` naming the path when that fails or when another
     broker is listening there.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, SEQPACKET)
     try:
         _remove_stale(path)
         bind_private(sock, path)
@@ -466,7 +468,7 @@ def _remove_stale(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise CapvisorError(f"switchboard socket {path}: exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    probe = socket.socket(socket.AF_UNIX, SEQPACKET)
     try:
         probe.connect(path)
     except ConnectionRefusedError:

@@ -7,6 +7,9 @@
   address; a connection it cannot make is refused with the reason, so the
   client's ``client_connect`` (or a ``!connect`` tag) fails with it.
 
+Both speak the protocol's connection answer (docs/switchboard.md): ingress
+waits for the server's ACCEPT before copying, egress sends it (or REFUSE).
+
 Each bridge copies bytes both ways with half-close; it is in the data path
 (TCP cannot be spliced into a unix socket), the broker is not.
 """
@@ -23,13 +26,22 @@ from typing import Any
 import trio
 
 from .switchboard_protocol import (
+    ACCEPT,
     ANCILLARY_SPACE,
+    ATTEMPTS,
     MAX_MESSAGE,
+    MAX_REASON,
+    REFUSE,
     ProtocolError,
     SwitchboardError,
+    accept_timeout_of,
+    answer_kind,
+    answer_timeout,
     check_reply,
     decode_received,
     encode,
+    refusal,
+    unavailable,
 )
 from .tags import Address
 
@@ -65,6 +77,43 @@ async def _call(sock: trio.socket.SocketType, op: str, **fields: Any) -> tuple[A
             os.close(fd)
         raise
     return reply, fd
+
+
+async def _await_answer(
+    stream: trio.SocketStream, labels: Mapping[str, str], timeout: float
+) -> bool:
+    """The trio twin of :func:`supervisor.switchboard_client.await_answer`."""
+    deadline = trio.current_time() + timeout
+    first = b""
+    with trio.move_on_at(deadline) as waited:
+        with contextlib.suppress(trio.BrokenResourceError):
+            first = await stream.receive_some(1)
+    if waited.cancelled_caught:
+        raise answer_timeout(labels, timeout)
+    kind = answer_kind(first)
+    if kind != "refuse":
+        return kind == "accept"
+    reason = b""
+    with trio.move_on_at(deadline), contextlib.suppress(trio.BrokenResourceError):
+        while len(reason) <= MAX_REASON and (chunk := await stream.receive_some(MAX_REASON)):
+            reason += chunk
+    raise refusal(labels, reason)
+
+
+async def _client_connect(path: str, labels: Mapping[str, str]) -> trio.SocketStream:
+    """A connection the matching server accepted, as the blocking client makes it."""
+    with await _open(path) as handle:
+        for _ in range(ATTEMPTS):
+            reply, fd = await _call(handle, "client_connect", labels=dict(labels))
+            stream = _stream(fd)
+            try:
+                if await _await_answer(stream, reply.get("labels", {}), accept_timeout_of(reply)):
+                    return stream
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            await trio.aclose_forcefully(stream)
+    raise unavailable(labels)
 
 
 async def splice(a: trio.SocketStream, b: trio.SocketStream) -> None:
@@ -132,13 +181,12 @@ async def ingress(
         local = _hostport(tcp.socket.getsockname())
         extra = {**labels, "ingress.peer": peer, "ingress.local": local}
         try:
-            with await _open(path) as handle:
-                _, fd = await _call(handle, "client_connect", labels=extra)
+            connection = await _client_connect(path, extra)
         except (OSError, EOFError, SwitchboardError, ProtocolError) as exc:
             _say(f"ingress from {peer}: {exc}")
             await trio.aclose_forcefully(tcp)
             return
-        await splice(tcp, _stream(fd))
+        await splice(tcp, connection)
 
     async with trio.open_nursery() as nursery:
         task_status.started(port)
@@ -160,17 +208,8 @@ async def egress(
     with await _open(path) as handle:
         reply, fd = await _call(handle, "server_start", labels=dict(labels))
     listener = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
-    lock = trio.Lock()
 
-    async def answer(ident: Any, refuse: str | None = None) -> None:
-        message: dict[str, Any] = {"op": "accept", "id": ident}
-        if refuse is not None:
-            message = {"op": "refuse", "id": ident, "message": refuse}
-        async with lock:
-            with contextlib.suppress(OSError):
-                await listener.sendmsg([encode(message)])
-
-    async def one(ident: Any, conn: trio.SocketStream) -> None:
+    async def one(conn: trio.SocketStream) -> None:
         try:
             with trio.fail_after(EGRESS_CONNECT_TIMEOUT):
                 tcp = await _tcp_connect(to)
@@ -179,10 +218,16 @@ async def egress(
                 reason = "timed out"
             else:
                 reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            await answer(ident, f"egress to {to}: {reason}")
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await conn.send_all(REFUSE + f"egress to {to}: {reason}".encode()[:MAX_REASON])
             await trio.aclose_forcefully(conn)
             return
-        await answer(ident)
+        try:
+            await conn.send_all(ACCEPT)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):  # the client gave up
+            await trio.aclose_forcefully(conn)
+            await trio.aclose_forcefully(tcp)
+            return
         await splice(conn, tcp)
 
     with listener:
@@ -198,4 +243,4 @@ async def egress(
                     if fd is not None:
                         os.close(fd)
                     continue
-                nursery.start_soon(one, message.get("id"), _stream(fd))
+                nursery.start_soon(one, _stream(fd))

@@ -165,7 +165,7 @@ def _ls(args: argparse.Namespace) -> int:
     for server in servers:
         print(
             f"{format_labels(server['labels'])}  replicas={server['replicas']} "
-            f"pending={server['pending']} connections={server['connections']}"
+            f"backlog={server['backlog']} connections={server['connections']}"
         )
     return 0
 

@@ -11,7 +11,8 @@ A program given ``!server`` or ``!client`` finds its handle by name in
             conn.socket.sendall(b"hello\\n")
             conn.socket.close()
 
-and a client: ``Handle.from_listen_fds("db").client_connect({"role": "primary"})``.
+and a client: ``Handle.from_listen_fds("db").client_connect({"role": "primary"})``,
+which returns once the server accepted (or raises ``timeout``/``refused``).
 Failures the broker reports raise :class:`SwitchboardError` (``.code`` is one
 of docs/switchboard.md's error codes); a broken protocol raises
 :class:`ProtocolError`; the socket's own errors are :class:`OSError`.
@@ -21,33 +22,105 @@ which is how ``capvisor run --switchboard PATH`` resolves the tags.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 import os
+import select
 import socket
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .switchboard_protocol import (
+    ACCEPT,
     ANCILLARY_SPACE,
+    ATTEMPTS,
     MAX_MESSAGE,
+    MAX_REASON,
+    REFUSE,
+    SEQPACKET,
     ProtocolError,
     SwitchboardError,
+    accept_timeout_of,
+    answer_kind,
+    answer_timeout,
     check_reply,
     decode_received,
     encode,
+    refusal,
+    unavailable,
 )
 
 __all__ = ["Connection", "Handle", "Incoming", "Listener", "ProtocolError", "SwitchboardError"]
 
 
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+
+
 def _receive(sock: socket.socket) -> tuple[dict[str, Any], int | None]:
     """One message and the fd it carried; raises ProtocolError or EOFError."""
-    return decode_received(*sock.recvmsg(MAX_MESSAGE, ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)[:3])
+    return decode_received(*sock.recvmsg(MAX_MESSAGE, ANCILLARY_SPACE, _CLOEXEC)[:3])
 
 
 def _send(sock: socket.socket, message: Mapping[str, Any]) -> None:
     sock.sendmsg([encode(message)])
+
+
+def _wrap(fd: int, kind: int) -> socket.socket:
+    """A socket object for an fd the broker sent (its kind is known: no probing syscalls)."""
+    return socket.socket(socket.AF_UNIX, kind, 0, fd)
+
+
+def _recv_by(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Up to ``size`` bytes (b"" at EOF or reset) before ``deadline``; else TimeoutError.
+
+    Waits with poll(2) so the socket's own blocking mode is never changed (a
+    ``!connect`` socket is handed to a program as it is).
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(math.ceil(left * 1000)):
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            continue
+        try:
+            return sock.recv(size, _DONTWAIT)
+        except BlockingIOError:
+            continue
+        except ConnectionResetError:
+            return b""
+
+
+def await_answer(sock: socket.socket, labels: Mapping[str, str], timeout: float) -> bool:
+    """Wait for the server's answer on a new connection: True when it accepted.
+
+    False when the server went away without answering (try again); raises
+    :class:`SwitchboardError` ``refused`` (with its reason) or ``timeout``,
+    and :class:`ProtocolError` for an answer that is not ACCEPT or REFUSE.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        first = sock.recv(1, _DONTWAIT)  # a quick server has answered already
+    except BlockingIOError:
+        try:
+            first = _recv_by(sock, 1, deadline)
+        except TimeoutError:
+            raise answer_timeout(labels, timeout) from None
+    except ConnectionResetError:
+        first = b""
+    kind = answer_kind(first)
+    if kind != "refuse":
+        return kind == "accept"
+    reason = b""
+    with contextlib.suppress(TimeoutError):  # a reason that never ends: what came in time
+        while len(reason) <= MAX_REASON and (chunk := _recv_by(sock, MAX_REASON, deadline)):
+            reason += chunk
+    raise refusal(labels, reason)
 
 
 @dataclass
@@ -73,7 +146,7 @@ class Handle:
     @classmethod
     def connect(cls, path: str, *, timeout: float | None = 60.0) -> Handle:
         """A root handle: connect to a broker's socket at ``path``."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, SEQPACKET)
         try:
             sock.connect(path)
         except BaseException:
@@ -143,12 +216,27 @@ class Handle:
     def server_start(self, labels: Mapping[str, str] | None = None) -> Listener:
         """Register a server; connections arrive on the returned listener."""
         reply, fd = self._with_fd("server_start", labels=dict(labels or {}))
-        return Listener(socket.socket(fileno=fd), dict(reply.get("labels", {})))
+        return Listener(_wrap(fd, socket.SOCK_SEQPACKET), dict(reply.get("labels", {})))
 
     def client_connect(self, labels: Mapping[str, str] | None = None) -> Connection:
-        """Connect to the one server (group) matching ``labels``."""
-        reply, fd = self._with_fd("client_connect", labels=dict(labels or {}))
-        return Connection(socket.socket(fileno=fd), dict(reply.get("labels", {})))
+        """Connect to the one server (group) matching ``labels``.
+
+        Returns once the server accepted; a server that went away before
+        answering is replaced by another replica (up to ``ATTEMPTS`` tries).
+        """
+        wanted = dict(labels or {})
+        for _ in range(ATTEMPTS):
+            reply, fd = self._with_fd("client_connect", labels=wanted)
+            sock = _wrap(fd, socket.SOCK_STREAM)
+            connection = dict(reply.get("labels", {}))
+            try:
+                if await_answer(sock, connection, accept_timeout_of(reply)):
+                    return Connection(sock, connection)
+            except BaseException:
+                sock.close()
+                raise
+            sock.close()
+        raise unavailable(wanted)
 
     def list(self, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
         """The server groups matching ``labels`` (needs the ``list`` right)."""
@@ -168,9 +256,8 @@ class Handle:
         return fd
 
     def connect_fd(self, labels: Mapping[str, str]) -> int:
-        """An fd of a stream connected to the server matching ``labels``."""
-        _, fd = self._with_fd("client_connect", labels=dict(labels))
-        return fd
+        """An fd of a stream connected to (and accepted by) the server matching ``labels``."""
+        return self.client_connect(labels).socket.detach()
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -189,7 +276,6 @@ class Handle:
 class Incoming:
     """A connection the broker delivered, not yet accepted or refused."""
 
-    id: int
     socket: socket.socket
     labels: dict[str, str]
 
@@ -202,36 +288,41 @@ class Listener:
         self.labels = labels
 
     def receive(self) -> Incoming:
-        """Wait for the next delivered connection; answer it with accept or refuse.
+        """Wait for the next delivered connection; answer it with :meth:`answer`.
 
         Raises EOFError when the broker closed the listener.
         """
         while True:
             message, fd = _receive(self.socket)
             if message.get("event") == "connection" and fd is not None:
-                return Incoming(message["id"], socket.socket(fileno=fd), message["labels"])
+                return Incoming(_wrap(fd, socket.SOCK_STREAM), dict(message.get("labels", {})))
             if fd is not None:
                 os.close(fd)
             if message.get("ok") is False:
                 check_reply(message)
 
     def accept(self) -> Connection:
-        """Receive the next connection and accept it."""
-        incoming = self.receive()
-        try:
-            _send(self.socket, {"op": "accept", "id": incoming.id})
-        except BaseException:
-            incoming.socket.close()
-            raise
-        return Connection(incoming.socket, incoming.labels)
+        """The next connection, accepted (connections whose client gave up are skipped)."""
+        while True:
+            incoming = self.receive()
+            if self.answer(incoming):
+                return Connection(incoming.socket, incoming.labels)
 
-    def answer(self, incoming: Incoming, refuse: str | None = None) -> None:
-        """Accept ``incoming`` or, with a reason, refuse it (its socket is then closed)."""
-        if refuse is None:
-            _send(self.socket, {"op": "accept", "id": incoming.id})
-        else:
+    def answer(self, incoming: Incoming, refuse: str | None = None) -> bool:
+        """Accept ``incoming`` or, with a reason, refuse it (its socket is then closed).
+
+        False when the client had already given up (its socket is closed too).
+        """
+        try:
+            if refuse is None:
+                incoming.socket.sendall(ACCEPT)
+                return True
+            incoming.socket.sendall(REFUSE + refuse.encode()[:MAX_REASON])
+        except (BrokenPipeError, ConnectionResetError):
             incoming.socket.close()
-            _send(self.socket, {"op": "refuse", "id": incoming.id, "message": refuse})
+            return False
+        incoming.socket.close()
+        return True
 
     def fileno(self) -> int:
         return self.socket.fileno()

@@ -7,6 +7,8 @@ this module is its executable form:
 - a message is one SOCK_SEQPACKET packet holding one JSON object (UTF-8),
   at most :data:`MAX_MESSAGE` bytes; fds travel in SCM_RIGHTS;
 - requests name an ``op``; replies echo the request's ``id``;
+- a server answers a delivered connection on the connection itself, before
+  any data: :data:`ACCEPT`, or :data:`REFUSE` followed by a reason and EOF;
 - labels are string → string maps; merging two label sets fails on a key
   both have with different values (a *conflict*).
 """
@@ -22,8 +24,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Protocol version carried in every message as ``"v"``.
-VERSION = 1
+#: Protocol version carried in every message as ``"v"``. Version 2 moved the
+#: server's answer from the listener onto the connection (one hop less).
+VERSION = 2
 #: Largest message, in bytes, either direction.
 MAX_MESSAGE = 65536
 #: Most fds a message may carry: requests carry none, replies and events one.
@@ -46,11 +49,15 @@ REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
     "client_connect": ("labels",),
     "list": ("labels",),
 }
-#: Messages a server sends on its listener, answering a ``connection`` event.
-LISTENER_FIELDS: dict[str, tuple[str, ...]] = {
-    "accept": (),
-    "refuse": ("message",),
-}
+#: The server's answer, the first byte it writes on a delivered connection:
+#: ASCII ACK accepts; ASCII NAK refuses, followed by a UTF-8 reason and EOF.
+ACCEPT = b"\x06"
+REFUSE = b"\x15"
+#: Longest refusal reason a client reads, in bytes.
+MAX_REASON = 1024
+#: Tries of one ``client_connect`` when the chosen server goes away before
+#: answering (the broker then picks another replica).
+ATTEMPTS = 3
 
 #: Error codes of failed replies (docs/switchboard.md, "Errors").
 ERRORS = (
@@ -62,9 +69,9 @@ ERRORS = (
     "bad_labels",  # too many labels, a bad name or value
     "no_match",  # no server matches the labels
     "ambiguous",  # several servers that are not replicas match
-    "timeout",  # the server did not accept in time
-    "refused",  # the server refused the connection
-    "unavailable",  # the matching server went away while connecting
+    "timeout",  # the server did not answer in time (reported by the client side)
+    "refused",  # the server refused the connection (reported by the client side)
+    "unavailable",  # the matching servers went away while connecting
     "resources",  # the broker is out of fds or memory for this request
 )
 
@@ -165,11 +172,12 @@ class Message:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def encode(message: Mapping[str, Any]) -> bytes:
     """One message as compact UTF-8 JSON, ``"v"`` first."""
-    data = json.dumps(
-        {"v": VERSION, **message}, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-    ).encode()
+    data = _ENCODER.encode({"v": VERSION, **message}).encode()
     if len(data) > MAX_MESSAGE:
         raise ProtocolError("malformed", f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     return data
@@ -188,16 +196,15 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError("malformed", f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+
+
 def decode_object(data: bytes) -> dict[str, Any]:
     """Parse one packet into a JSON object; raises :class:`ProtocolError` ``malformed``."""
     if len(data) > MAX_MESSAGE:
         raise ProtocolError("malformed", f"message longer than {MAX_MESSAGE} bytes")
     try:
-        obj = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-        )
+        obj = _DECODER.decode(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ProtocolError("malformed", f"not UTF-8 at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
@@ -243,8 +250,6 @@ def _decode(data: bytes, schema: Mapping[str, tuple[str, ...]]) -> Message:
         unknown = [r for r in rights if r not in RIGHTS]
         if unknown:
             raise ProtocolError("malformed", f"unknown rights {unknown} (rights: {list(RIGHTS)})")
-    if "message" in fields and not isinstance(fields["message"], str):
-        raise ProtocolError("malformed", f"{op}: message must be a string")
     return Message(op, ident, fields)
 
 
@@ -253,9 +258,53 @@ def decode_request(data: bytes) -> Message:
     return _decode(data, REQUEST_FIELDS)
 
 
-def decode_listener_message(data: bytes) -> Message:
-    """``accept``/``refuse`` on a listener; raises :class:`ProtocolError`."""
-    return _decode(data, LISTENER_FIELDS)
+# -- the server's answer on a connection ---------------------------------------
+
+
+def answer_kind(first: bytes) -> str:
+    """What the first byte a client reads says: ``accept``, ``refuse`` or ``gone`` (EOF).
+
+    Raises :class:`ProtocolError` for any other byte.
+    """
+    if first == ACCEPT:
+        return "accept"
+    if first == REFUSE:
+        return "refuse"
+    if not first:
+        return "gone"
+    raise ProtocolError("malformed", f"the server answered {first!r}, not ACCEPT or REFUSE")
+
+
+def accept_timeout_of(reply: Mapping[str, Any]) -> float:
+    """The ``accept_timeout`` of a ``client_connect`` reply, seconds (positive, finite)."""
+    value = reply.get("accept_timeout")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
+        raise ProtocolError("malformed", f"the client_connect reply has accept_timeout {value!r}")
+    return float(value)
+
+
+def refusal(labels: Mapping[str, str], reason: bytes) -> SwitchboardError:
+    """The ``refused`` error for a server's REFUSE and its (possibly empty) reason."""
+    text = reason[:MAX_REASON].decode("utf-8", "replace").strip()
+    detail = f": {text}" if text else ""
+    return SwitchboardError(
+        "refused", f"server {format_labels(labels)} refused the connection{detail}"
+    )
+
+
+def answer_timeout(labels: Mapping[str, str], seconds: float) -> SwitchboardError:
+    """The ``timeout`` error for a server that did not answer within ``seconds``."""
+    return SwitchboardError(
+        "timeout",
+        f"server {format_labels(labels)} did not accept the connection within {seconds:g} s",
+    )
+
+
+def unavailable(labels: Mapping[str, str]) -> SwitchboardError:
+    """The ``unavailable`` error: the matching servers went away while connecting."""
+    return SwitchboardError(
+        "unavailable", f"the servers matching {format_labels(labels)} went away"
+    )
 
 
 def ok_reply(ident: int | str | None, **fields: Any) -> bytes:
@@ -279,6 +328,13 @@ def check_reply(obj: Mapping[str, Any]) -> Mapping[str, Any]:
         message if isinstance(message, str) else f"a reply without ok: {obj!r}",
     )
 
+
+#: recvmsg flags of a message that did not fit (plain ints: enum arithmetic
+#: costs microseconds per message on the broker's hot path).
+TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+#: Socket types of a handle or listener and of a connection, close-on-exec.
+SEQPACKET = int(socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+STREAM = int(socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
 
 #: Ancillary buffer for receiving: room for more fds than allowed, so an
 #: oversized batch is seen (and closed) rather than truncated.
@@ -306,7 +362,7 @@ def decode_received(
     try:
         if not data and not fds:
             raise EOFError("the switchboard closed the socket")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) > MAX_FDS:
+        if flags & TRUNCATED or len(fds) > MAX_FDS:
             raise ProtocolError("malformed", "oversized message from the switchboard")
         return decode_object(data), (fds.pop() if fds else None)
     finally:

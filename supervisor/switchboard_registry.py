@@ -4,13 +4,14 @@ Pure (no I/O): the broker (:mod:`supervisor.switchboard`) drives it. A
 *target* is one started server with its label set. Targets with identical
 label sets form a *replica group*. A client's labels match a group when the
 two label sets merge without a conflict. Exactly one matching group is
-required; within it the replica with the fewest connections awaiting
-acceptance is chosen, ties broken round robin.
+required; within it the replica with the least load (the broker passes
+the bytes of connections a server has not taken yet) is chosen, ties broken
+round robin.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +26,7 @@ class Target:
 
     labels: Mapping[str, str]
     endpoint: Any = None
-    pending: int = 0  # connections delivered and not yet accepted or refused
-    delivered: int = 0  # connections accepted so far
+    delivered: int = 0  # connections handed to it so far
 
     @property
     def key(self) -> LabelKey:
@@ -41,11 +41,14 @@ class Group:
     replicas: list[Target] = field(default_factory=list)
     turn: int = 0
 
-    def pick(self) -> Target:
-        """The replica with the fewest pending connections, round robin among equals."""
+    def pick(self, load: Callable[[Target], int] = lambda target: 0) -> Target:
+        """The replica with the least ``load``, round robin among equals."""
         n = len(self.replicas)
-        order = [(self.turn + i) % n for i in range(n)]
-        best = min(order, key=lambda i: self.replicas[i].pending)
+        best = self.turn % n
+        if n > 1:
+            order = [(self.turn + i) % n for i in range(n)]
+            loads = {i: load(self.replicas[i]) for i in order}
+            best = min(order, key=loads.__getitem__)
         self.turn = (best + 1) % n
         return self.replicas[best]
 
@@ -77,10 +80,14 @@ class Registry:
     def matching(self, labels: Mapping[str, str]) -> list[Group]:
         """The groups whose labels merge with ``labels`` without conflict, sorted."""
         found = [g for g in self._groups.values() if compatible(g.labels, labels)]
+        if len(found) < 2:
+            return found  # the common case: nothing to sort
         return sorted(found, key=lambda g: sorted(g.labels.items()))
 
-    def choose(self, labels: Mapping[str, str]) -> Target:
-        """The target a client with ``labels`` connects to.
+    def choose(
+        self, labels: Mapping[str, str], load: Callable[[Target], int] = lambda target: 0
+    ) -> Target:
+        """The target a client with ``labels`` connects to (``load``: see :meth:`Group.pick`).
 
         Raises :class:`SwitchboardError` ``no_match`` or ``ambiguous`` (naming
         the matching label sets and the labels that tell them apart).
@@ -90,7 +97,7 @@ class Registry:
             raise SwitchboardError("no_match", f"no matching server for {format_labels(labels)}")
         if len(groups) > 1:
             raise SwitchboardError("ambiguous", ambiguity_message(labels, groups))
-        return groups[0].pick()
+        return groups[0].pick(load)
 
     def __len__(self) -> int:
         return sum(len(g.replicas) for g in self._groups.values())

@@ -95,7 +95,7 @@ def _payload(draw: st.DrawFn) -> bytes:
     if kind == "junk-json":  # duplicate keys, constants, cut short
         text = draw(
             st.sampled_from(
-                [text[: len(text) // 2], text[:-1] + ', "v": 1}', '{"v": NaN}', "[1]", text * 2]
+                [text[: len(text) // 2], text[:-1] + ', "v": 2}', '{"v": NaN}', "[1]", text * 2]
             )
         )
     return text.encode(errors="surrogatepass")

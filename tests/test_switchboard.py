@@ -17,13 +17,18 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from supervisor.switchboard_client import Handle
-from supervisor.switchboard_protocol import SwitchboardError, decode_object, encode
+from supervisor.switchboard_protocol import (
+    ProtocolError,
+    SwitchboardError,
+    decode_object,
+    encode,
+)
 
 from .conftest import IS_ROOT, NOBODY, PYTHON, User
 
@@ -271,7 +276,7 @@ def test_rights_are_checked_on_every_operation(board: Board) -> None:
             {
                 "labels": {"program": "p", "service": "x"},
                 "replicas": 1,
-                "pending": 0,
+                "backlog": 0,
                 "connections": 0,
             }
         ]
@@ -340,6 +345,118 @@ def test_a_server_may_refuse_with_a_reason(board: Board) -> None:
     assert caught.value.message == "server {service: shop} refused the connection: shop is closed"
 
 
+def test_a_stalled_replica_stops_getting_connections(board: Board) -> None:
+    # Registered first, the stalled replica is first in the round robin. Once
+    # it has a connection it has not taken (a backlog on its listener), the
+    # broker sends everything to the replica that keeps up: one client times
+    # out, not every other one.
+    board.peer("stall", "stuck", "service=api")
+    board.peer("echo", "fine", "service=api")
+    timeouts, answers = 0, []
+    started = time.monotonic()
+    with board.handle() as handle:
+        for _ in range(6):
+            try:
+                answers.append(talk(handle, {"service": "api"}))
+            except SwitchboardError as exc:
+                assert exc.code == "timeout", exc
+                timeouts += 1
+        (group,) = handle.list({"service": "api"})
+    assert timeouts == 1 and answers == [b"fine:hi"] * 5
+    assert time.monotonic() - started < ACCEPT_TIMEOUT + 2
+    assert group["replicas"] == 2 and group["backlog"] > 0 and group["connections"] == 6
+
+
+def test_a_server_dying_with_connections_queued_sends_them_to_a_replica(board: Board) -> None:
+    stuck = board.peer("stall", "stuck", "service=api")  # first in the round robin
+    board.peer("echo", "fine", "service=api")
+    outcome: dict[str, object] = {}
+
+    def client() -> None:
+        started = time.monotonic()
+        with board.handle() as handle:
+            outcome["answer"] = talk(handle, {"service": "api"})
+        outcome["took"] = time.monotonic() - started
+
+    waiter = threading.Thread(target=client)
+    waiter.start()
+    time.sleep(0.2)  # the connection is queued on the stalled server's listener
+    stuck.kill()
+    waiter.join(10)
+    # The kernel closed the queued connection with the listener; the client
+    # read end-of-stream instead of an answer and asked again.
+    assert outcome["answer"] == b"fine:hi"
+    assert outcome["took"] < ACCEPT_TIMEOUT  # not a timeout: an early retry
+
+
+def _in_thread(work: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Run ``work`` in a thread; the list gets its result or exception."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_the_server_answers_on_the_connection(board: Board) -> None:
+    """Skipping clients that gave up, and what a client makes of a bad answer."""
+    with board.handle() as root, root.server_start({"service": "raw"}) as listener:
+        # A client that gave up before the server answered: the server's
+        # accept() skips it and returns the next connection.
+        reply, fd = root.call("client_connect", labels={"service": "raw"})
+        assert reply["accept_timeout"] == ACCEPT_TIMEOUT
+        os.close(fd)
+        with board.handle() as client:
+            caller, outcome = _in_thread(lambda: talk(client, {}))
+            conn = listener.accept()
+            with conn.socket as sock:
+                assert sock.recv(2) == b"hi"
+                sock.sendall(b"ok")
+            caller.join(10)
+        assert outcome == [b"ok"]
+        # A server that starts talking without answering is not a switchboard server.
+        with board.handle() as client:
+            caller, outcome = _in_thread(lambda: client.client_connect({}))
+            incoming = listener.receive()
+            with incoming.socket as sock:
+                sock.sendall(b"HTTP/1.1 200 OK\r\n")
+            caller.join(10)
+        (error,) = outcome
+        assert isinstance(error, ProtocolError) and error.code == "malformed"
+        assert "answered b'H', not ACCEPT or REFUSE" in error.message
+
+
+def test_a_full_listener_is_a_timeout_for_that_request_only(board: Board) -> None:
+    # A server that never reads its listener: the kernel queues events until
+    # the listener is full, then the broker waits for room at most the accept
+    # timeout, in that request only.
+    board.peer("stall", "stuck", "service=stuck")
+    board.peer("echo", "fine", "service=fine")
+    queued = 0
+    with board.handle() as flooder, board.handle() as bystander:
+        while True:
+            try:
+                _, fd = flooder.call("client_connect", labels={"service": "stuck"})
+            except SwitchboardError as exc:
+                error = exc
+                break
+            os.close(fd)  # this client gives up at once; its event stays queued
+            queued += 1
+            assert queued < 100_000, "the listener never filled"
+        assert error.code == "timeout"
+        assert "did not take the connection within 1 s" in error.message
+        assert queued > 50
+        assert talk(bystander, {"service": "fine"}) == b"fine:hi"
+        (group,) = bystander.list({"service": "stuck"})
+        assert group["backlog"] > 0 and group["connections"] == queued
+
+
 # -- malformed messages and limits -------------------------------------------
 
 
@@ -356,7 +473,7 @@ def _closed(sock: socket.socket) -> bool:
 
 @pytest.mark.parametrize(
     "packet",
-    [b"not json", b'{"v":1,"op":"list","labels":{"a":7}}', b"\x00" * 70000, b""],
+    [b"not json", b'{"v":2,"op":"list","labels":{"a":7}}', b"\x00" * 70000, b""],
     ids=["garbage", "bad-type", "oversized", "empty"],
 )
 def test_a_malformed_message_closes_only_its_handle(board: Board, packet: bytes) -> None:
@@ -389,9 +506,9 @@ def test_unknown_ops_and_versions_are_errors_that_keep_the_handle(board: Board) 
     with _raw(board) as sock:
         sock.send(b'{"v":9,"op":"info","id":1}')
         assert decode_object(sock.recv(65536))["error"] == "version"
-        sock.send(b'{"v":1,"op":"teleport","id":2}')
+        sock.send(b'{"v":2,"op":"teleport","id":2}')
         assert decode_object(sock.recv(65536))["error"] == "unknown_op"
-        sock.send(b'{"v":1,"op":"info","id":"x"}')
+        sock.send(b'{"v":2,"op":"info","id":"x"}')
         reply = decode_object(sock.recv(65536))
         assert reply["ok"] is True and reply["id"] == "x"
 
@@ -448,7 +565,7 @@ def test_cat_ls_and_their_errors(board: Board) -> None:
     board.procs.append(listener)  # type: ignore[arg-type]
     assert b"serving {service: cat, x: 1}" in listener.stderr.readline()  # type: ignore[union-attr]
     listed = _cli("ls", board.path, "x=1")
-    assert listed.stdout == b"{service: cat, x: 1}  replicas=1 pending=0 connections=0\n"
+    assert listed.stdout == b"{service: cat, x: 1}  replicas=1 backlog=0 connections=0\n"
     assert _cli("ls", board.path, "x=2").stdout == b""
     client = subprocess.Popen(
         [PYTHON, "-m", "supervisor", "switchboard", "cat", board.path, "service=cat"],

@@ -15,14 +15,16 @@ from supervisor.switchboard_protocol import (
     MAX_MESSAGE,
     ProtocolError,
     SwitchboardError,
+    accept_timeout_of,
+    answer_kind,
     compatible,
-    decode_listener_message,
     decode_object,
     decode_request,
     encode,
     error_reply,
     merge,
     parse_label_words,
+    refusal,
 )
 from supervisor.switchboard_registry import Registry, Target
 
@@ -66,18 +68,18 @@ def test_requests_round_trip(labels: dict, ident: int) -> None:
         (b"", "malformed", "not JSON"),
         (b"\xff{}", "malformed", "not UTF-8"),
         (b"[1]", "malformed", "JSON object"),
-        (b'{"v":1,"op":"list","op":"info"}', "malformed", "duplicate key 'op'"),
-        (b'{"v":1,"op":"list","labels":{"a":NaN}}', "malformed", "NaN"),
-        (b'{"v":1,"op":"list","labels":{"a":1}}', "malformed", "label 'a' must be a string"),
-        (b'{"v":1,"op":"list","labels":{"-a":"x"}}', "bad_labels", "bad label name '-a'"),
-        (b'{"v":1,"op":"list","labels":[]}', "malformed", "labels must be an object"),
-        (b'{"v":1,"op":"list","colour":"red"}', "malformed", "unknown field 'colour'"),
-        (b'{"v":1,"op":"constrain","rights":["root"]}', "malformed", "unknown rights"),
-        (b'{"v":1,"op":"info","id":true}', "malformed", "id must be"),
-        (b'{"v":1}', "malformed", 'needs "op"'),
-        (b'{"v":2,"op":"info"}', "version", "unsupported protocol version 2"),
+        (b'{"v":2,"op":"list","op":"info"}', "malformed", "duplicate key 'op'"),
+        (b'{"v":2,"op":"list","labels":{"a":NaN}}', "malformed", "NaN"),
+        (b'{"v":2,"op":"list","labels":{"a":1}}', "malformed", "label 'a' must be a string"),
+        (b'{"v":2,"op":"list","labels":{"-a":"x"}}', "bad_labels", "bad label name '-a'"),
+        (b'{"v":2,"op":"list","labels":[]}', "malformed", "labels must be an object"),
+        (b'{"v":2,"op":"list","colour":"red"}', "malformed", "unknown field 'colour'"),
+        (b'{"v":2,"op":"constrain","rights":["root"]}', "malformed", "unknown rights"),
+        (b'{"v":2,"op":"info","id":true}', "malformed", "id must be"),
+        (b'{"v":2}', "malformed", 'needs "op"'),
+        (b'{"v":1,"op":"info"}', "version", "unsupported protocol version 1"),
         (b'{"op":"info"}', "version", "unsupported protocol version None"),
-        (b'{"v":1,"op":"reboot"}', "unknown_op", "unknown op 'reboot'"),
+        (b'{"v":2,"op":"reboot"}', "unknown_op", "unknown op 'reboot'"),
         (b"[" * 100000, "malformed", ""),
     ],
 )
@@ -100,14 +102,21 @@ def test_sizes_and_values_are_limited() -> None:
         decode_request(encode({"op": "list", "labels": many}))
 
 
-def test_listener_messages_and_replies() -> None:
-    assert decode_listener_message(b'{"v":1,"op":"accept","id":7}').id == 7
-    refuse = decode_listener_message(b'{"v":1,"op":"refuse","id":7,"message":"full"}')
-    assert refuse.fields == {"message": "full"}
-    with pytest.raises(ProtocolError):
-        decode_listener_message(b'{"v":1,"op":"client_connect","id":7}')
+def test_connection_answers_and_replies() -> None:
+    assert [answer_kind(b) for b in (b"\x06", b"\x15", b"")] == ["accept", "refuse", "gone"]
+    with pytest.raises(ProtocolError, match="not ACCEPT or REFUSE"):
+        answer_kind(b"H")  # a server that starts talking without answering
+    error = refusal({"service": "db"}, "too busy \N{SNOWMAN}\n".encode() + b"x" * 2000)
+    assert error.code == "refused"
+    assert error.message.startswith("server {service: db} refused the connection: too busy ☃")
+    assert len(error.message) < 1100  # the reason is cut at MAX_REASON
+    assert refusal({}, b"").message == "server {} refused the connection"
+    assert accept_timeout_of({"accept_timeout": 2}) == 2.0
+    for bad in (None, True, 0, -1, float("inf"), "5"):
+        with pytest.raises(ProtocolError, match="accept_timeout"):
+            accept_timeout_of({"accept_timeout": bad})
     assert json.loads(error_reply(3, "no_match", "none")) == {
-        "v": 1,
+        "v": 2,
         "id": 3,
         "ok": False,
         "error": "no_match",
@@ -155,14 +164,14 @@ def test_ambiguity_names_the_labels_that_tell_servers_apart() -> None:
     assert registry.choose({"instance": "2"}).labels["instance"] == "2"
 
 
-def test_replicas_round_robin_and_least_pending() -> None:
+def test_replicas_round_robin_and_least_load() -> None:
     registry, (a, b, c) = _registry({"s": "x"}, {"s": "x"}, {"s": "x"})
     assert [registry.choose({}) for _ in range(6)] == [a, b, c, a, b, c]
-    b.pending = 1  # b still has a connection waiting: the others go first
-    assert [registry.choose({}) for _ in range(4)] == [a, c, a, c]
+    backlog = {a: 0, b: 900, c: 0}  # b has not taken its connections: the others go first
+    assert [registry.choose({}, backlog.__getitem__) for _ in range(4)] == [a, c, a, c]
     registry.remove(a)
     registry.remove(a)  # idempotent
-    b.pending = 0
+    assert {registry.choose({}, backlog.__getitem__) for _ in range(4)} == {c}
     assert {registry.choose({}) for _ in range(4)} == {b, c}
     registry.remove(b)
     registry.remove(c)

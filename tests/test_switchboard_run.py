@@ -88,7 +88,7 @@ def test_a_confined_server_is_reached_through_connect(
             {
                 "labels": {"program": "echo", "service": "echo"},
                 "replicas": 1,
-                "pending": 0,
+                "backlog": 0,
                 "connections": 1,
             }
         ]

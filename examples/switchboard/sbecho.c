@@ -54,9 +54,9 @@ static size_t put_string(char *buf, size_t at, size_t cap, const char *s) {
     return put(buf, at, cap, "\"");
 }
 
-/* {"v":1,"op":OP,"id":1,"labels":{NAME:VALUE,...}} from NAME=VALUE words. */
+/* {"v":2,"op":OP,"id":1,"labels":{NAME:VALUE,...}} from NAME=VALUE words. */
 static int build_request(char *buf, size_t cap, const char *op, char **words, int n) {
-    size_t at = put(buf, 0, cap, "{\"v\":1,\"op\":");
+    size_t at = put(buf, 0, cap, "{\"v\":2,\"op\":");
     at = put_string(buf, at, cap, op);
     at = put(buf, at, cap, ",\"id\":1,\"labels\":{");
     for (int i = 0; i < n; i++) {
@@ -185,8 +185,9 @@ static int receive(int sock, char *buf, size_t cap, int *fd) {
     return (int)n;
 }
 
-/* Send a request and wait for its reply; returns the reply's fd, -1 on failure. */
-static int call(int handle, const char *op, char **labels, int n) {
+/* Send a request and wait for its reply; returns the reply's fd, -1 on failure.
+ * With TIMEOUT, stores the reply's accept_timeout (seconds) there. */
+static int call(int handle, const char *op, char **labels, int n, double *timeout) {
     static char buf[MAX_MESSAGE + 1];
     int len = build_request(buf, sizeof buf, op, labels, n);
     if (len < 0) return -1;
@@ -206,7 +207,46 @@ static int call(int handle, const char *op, char **labels, int n) {
         return -1;
     }
     if (fd < 0) fprintf(stderr, "sbecho: %s: the reply carried no fd\n", op);
+    if (timeout) {
+        const char *t = member(buf, "accept_timeout");
+        *timeout = t ? strtod(t, NULL) : 0;
+    }
     return fd;
+}
+
+/* ---- the server's answer on a new connection ---------------------------- */
+
+#define ACCEPT '\x06'
+#define REFUSE '\x15'
+#define MAX_REASON 1024
+
+/* Wait up to TIMEOUT seconds for the server's answer on CONN: 1 accepted,
+ * 0 the server went away before answering (try again), -1 refused or timed out. */
+static int await_answer(int conn, double timeout) {
+    struct pollfd p = {conn, POLLIN, 0};
+    int ready = poll(&p, 1, (int)(timeout * 1000));
+    char first = 0;
+    ssize_t got = ready > 0 ? read(conn, &first, 1) : -1;
+    if (ready == 0) {
+        fprintf(stderr, "sbecho: the server did not accept within %g s (timeout)\n", timeout);
+        return -1;
+    }
+    if (got == 1 && first == ACCEPT) return 1;
+    if (got <= 0) return got == 0 || errno == ECONNRESET ? 0 : -1;
+    if (first != REFUSE) {
+        fprintf(stderr, "sbecho: the server answered 0x%02x (malformed)\n", (unsigned char)first);
+        return -1;
+    }
+    char reason[MAX_REASON + 1];
+    size_t have = 0;
+    while (have < MAX_REASON && poll(&p, 1, (int)(timeout * 1000)) > 0) {
+        ssize_t more = read(conn, reason + have, MAX_REASON - have);
+        if (more <= 0) break;
+        have += (size_t)more;
+    }
+    reason[have] = 0;
+    fprintf(stderr, "sbecho: the server refused the connection: %s (refused)\n", reason);
+    return -1;
 }
 
 /* ---- the two modes ----------------------------------------------------- */
@@ -225,7 +265,7 @@ static void probe_network(void) {
 }
 
 static int serve(int handle, char **labels, int n) {
-    int listener = call(handle, "server_start", labels, n);
+    int listener = call(handle, "server_start", labels, n, NULL);
     if (listener < 0) return 1;
     close(handle);
     fprintf(stderr, "sbecho: serving\n");
@@ -242,16 +282,18 @@ static int serve(int handle, char **labels, int n) {
                 return 0;
             }
             const char *event = member(buf, "event");
-            const char *id = member(buf, "id");
-            if (fd >= 0 && event && !strncmp(event, "\"connection\"", 12) && id) {
-                const char *end = skip_value(id);
-                char answer[128];
-                int len = snprintf(answer, sizeof answer, "{\"v\":1,\"op\":\"%s\",\"id\":%.*s}",
-                                   count < 1 + MAX_CONNECTIONS ? "accept" : "refuse",
-                                   (int)(end - id), id);
-                send(listener, answer, (size_t)len, 0);
-                if (count < 1 + MAX_CONNECTIONS) fds[count++] = (struct pollfd){fd, POLLIN, 0};
-                else close(fd);
+            if (fd >= 0 && event && !strncmp(event, "\"connection\"", 12)) {
+                /* The answer is the first byte on the connection itself. A
+                 * client that already gave up makes it fail: drop that one. */
+                static const char refusal[] = "\x15" "sbecho is serving too many connections";
+                if (count == 1 + MAX_CONNECTIONS) {
+                    send(fd, refusal, sizeof refusal - 1, MSG_NOSIGNAL);
+                    close(fd);
+                } else if (send(fd, "\x06", 1, MSG_NOSIGNAL) == 1) {
+                    fds[count++] = (struct pollfd){fd, POLLIN, 0};
+                } else {
+                    close(fd);
+                }
             } else if (fd >= 0) {
                 close(fd);
             }
@@ -259,7 +301,7 @@ static int serve(int handle, char **labels, int n) {
         for (int i = 1; i < count; i++) {
             if (!fds[i].revents) continue;
             ssize_t got = read(fds[i].fd, buf, sizeof buf);
-            if (got > 0 && write(fds[i].fd, buf, (size_t)got) == got) continue;
+            if (got > 0 && send(fds[i].fd, buf, (size_t)got, MSG_NOSIGNAL) == got) continue;
             close(fds[i].fd); /* EOF or error: this connection is done */
             fds[i--] = fds[--count];
         }
@@ -278,8 +320,19 @@ static int copy(int from, int to) {
 }
 
 static int connect_mode(int handle, char **labels, int n) {
-    int conn = call(handle, "client_connect", labels, n);
-    if (conn < 0) return 1;
+    int conn = -1;
+    for (int attempt = 0; attempt < 3 && conn < 0; attempt++) {
+        double timeout;
+        conn = call(handle, "client_connect", labels, n, &timeout);
+        if (conn < 0) return 1;
+        int answer = await_answer(conn, timeout);
+        if (answer < 0) return 1;
+        if (answer == 0) { close(conn); conn = -1; } /* gone: the broker picks another */
+    }
+    if (conn < 0) {
+        fprintf(stderr, "sbecho: the matching servers went away (unavailable)\n");
+        return 1;
+    }
     close(handle);
     struct pollfd fds[2] = {{conn, POLLIN, 0}, {0, POLLIN, 0}};
     for (;;) {

@@ -201,7 +201,7 @@ sent = 0
 deadline = time.monotonic() + float(sys.argv[1])
 while time.monotonic() < deadline:
     for labels in ({"service": "stall"}, {"service": "nowhere"}):
-        msg = {"v": 1, "op": "client_connect", "id": sent, "labels": labels}
+        msg = {"v": 2, "op": "client_connect", "id": sent, "labels": labels}
         try:
             sock.send(json.dumps(msg).encode())
             sent += 1
