@@ -109,13 +109,37 @@ def make_builder(base: Path) -> FFI:
 ffibuilder = make_builder(Path(os.getcwd()))
 
 
+def install(built: Path, target: Path) -> None:
+    """Put the extension ``built`` at ``target`` by renaming a copy over it.
+
+    Never by rewriting ``target`` in place: a running supervisor has the old
+    file mapped, and rewritten pages under a running process crash it. A
+    rename leaves the old inode (and its pages) to whoever still maps it.
+    Other builds of the same module in that directory are removed.
+    """
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        shutil.copyfile(built, partial)
+        shutil.copymode(built, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    # A build named for another ABI tag (``pip install -e`` makes
+    # _native.abi3.so, a direct build _native.cpython-311-….so) would shadow
+    # or be shadowed by this one: the newest build is the only one left.
+    module = target.name.split(".", 1)[0]
+    for other in target.parent.glob(f"{module}.*.so"):
+        if other != target:
+            other.unlink(missing_ok=True)
+
+
 def build_in_place() -> Path:
-    """Build under build/cffi/ (generated C, objects) and copy the extension
+    """Build under build/cffi/ (generated C, objects) and install the extension
     into supervisor/, next to the Python sources. Returns its path."""
     tmpdir = ROOT / "build" / "cffi"
     built = Path(make_builder(tmpdir).compile(tmpdir=str(tmpdir), verbose=True))
     target = ROOT / "supervisor" / built.name
-    shutil.copyfile(built, target)
+    install(built, target)
     return target
 
 

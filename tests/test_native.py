@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import importlib.util
 import json
 import os
 import resource
+import shutil
 import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -650,3 +653,54 @@ def test_concurrent_spawns_with_failures() -> None:
         t.join()
     assert errors == []
     assert_no_zombie()
+
+
+# -- rebuilding the extension under a running supervisor ----------------------
+
+_USE_EXTENSION = r"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("_native", sys.argv[1])
+native = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(native)
+name = lambda step: native.ffi.string(native.lib.cv_step_name(step)).decode()
+print(name(0), flush=True)
+sys.stdin.readline()  # the test swaps the file now
+print(" ".join(name(step) for step in range(native.lib.CV_STEP_COUNT)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("swap", ["install", "rewrite in place"])
+def test_rebuilding_the_extension_spares_running_processes(tmp_path: Path, swap: str) -> None:
+    """native/build.py installs by rename: a process that has the old build
+    mapped keeps running. Rewriting the file in place (the control) puts the
+    new bytes under the running process, here int3 instructions."""
+    spec = importlib.util.spec_from_file_location(
+        "capvisor_native_build", Path(__file__).parent.parent / "native" / "build.py"
+    )
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    import supervisor._native as native
+
+    target = tmp_path / "_native.abi3.so"
+    shutil.copyfile(native.__file__, target)
+    new_build = tmp_path / "new-build.so"
+    new_build.write_bytes(b"\xcc" * target.stat().st_size)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _USE_EXTENSION, str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline() == "socketpair\n"
+    if swap == "install":
+        build.install(new_build, target)
+    else:
+        shutil.copyfile(new_build, target)
+    out, _ = proc.communicate("go\n", timeout=30)
+    assert target.read_bytes() == new_build.read_bytes()
+    if swap == "install":
+        assert proc.returncode == 0 and out.split() == list(STEPS)
+    else:
+        assert proc.returncode < 0  # killed by SIGTRAP (or SIGSEGV/SIGILL)
