@@ -33,7 +33,7 @@ from .errors import (
     ResolveError,
 )
 from .native import Rlimit, SpawnRequest
-from .runtime import runtime_set
+from .runtime import check_executable, runtime_set
 from .switchboard_protocol import (
     ProtocolError,
     SwitchboardError,
@@ -397,17 +397,10 @@ def _os_reason(exc: OSError) -> str:
 def check_program(description: Description) -> str:
     """The program's path, checked to exist and be an executable regular file."""
     path = description.program
-    at = description.at("program")
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ProgramNotFound(_at(at, f"program {path}: No such file or directory")) from None
-    except OSError as exc:
-        raise ProgramNotExecutable(_at(at, f"program {path}: {exc.strerror}")) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ProgramNotExecutable(_at(at, f"program {path}: not a regular file"))
-    if not os.access(path, os.X_OK):
-        raise ProgramNotExecutable(_at(at, f"program {path}: not executable"))
+        check_executable(path, f"program {path}")
+    except (ProgramNotFound, ProgramNotExecutable) as exc:
+        raise type(exc)(_at(description.at("program"), str(exc))) from None
     return path
 
 

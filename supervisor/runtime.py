@@ -116,6 +116,24 @@ class _Loaded:
     loader: _Loaded | None
 
 
+def check_executable(path: str, what: str) -> None:
+    """Raise unless ``path`` is an executable regular file; messages start ``what: ``.
+
+    :class:`ProgramNotFound` when it does not exist, else
+    :class:`ProgramNotExecutable` naming the reason.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ProgramNotFound(f"{what}: No such file or directory") from None
+    except OSError as exc:
+        raise ProgramNotExecutable(f"{what}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ProgramNotExecutable(f"{what}: not a regular file")
+    if not os.access(path, os.X_OK):
+        raise ProgramNotExecutable(f"{what}: not executable")
+
+
 def _under(path: str, top: str) -> bool:
     return path == top or top == "/" or path.startswith(top + "/")
 
@@ -177,12 +195,8 @@ class _Builder:
         """Add ``path`` (a program or an interpreter) and its own runtime set."""
         self.chain.append(os.path.abspath(path))
         real = os.path.realpath(path)
+        check_executable(real, f"{reason} {path}")
         try:
-            st = os.stat(real)
-            if not stat.S_ISREG(st.st_mode):
-                raise ProgramNotExecutable(f"{reason} {path}: not a regular file")
-            if not os.access(real, os.X_OK):
-                raise ProgramNotExecutable(f"{reason} {path}: not executable")
             fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 header = os.pread(fd, 256, 0)  # the kernel's BINPRM_BUF_SIZE
