@@ -23,54 +23,14 @@ from cffi import FFI
 NATIVE = Path(__file__).resolve().parent
 ROOT = NATIVE.parent
 
-# Must agree with native/spawn.h (checked by the compiler).
-CDEF = """
-enum cv_step {
-    CV_STEP_SOCKETPAIR, CV_STEP_CLONE, CV_STEP_SIGNALS, CV_STEP_CGROUP,
-    CV_STEP_FDS, CV_STEP_CHDIR, CV_STEP_SETSID, CV_STEP_PDEATHSIG,
-    CV_STEP_RLIMITS, CV_STEP_CAPABILITIES, CV_STEP_NO_NEW_PRIVS, CV_STEP_LANDLOCK,
-    CV_STEP_SECCOMP,
-    CV_STEP_EXECVE, CV_STEP_COUNT
-};
+def header_cdef() -> str:
+    """The declarations of spawn.h between its cffi-cdef markers.
 
-struct cv_rlimit {
-    int resource;
-    uint64_t soft;
-    uint64_t hard;
-};
-
-struct cv_spawn_args {
-    const char *path;
-    char *const *argv;
-    char *const *envp;
-    const int *fds;
-    int nfds;
-    const char *cwd;
-    int new_session;
-    const struct cv_rlimit *rlimits;
-    int nrlimits;
-    int landlock_ruleset_fd;
-    const void *seccomp_bpf;
-    unsigned int seccomp_len;
-    char *listen_pid;
-    int seccomp_listener;
-    int cgroup_procs_fd;
-    int parent_death_signal;
-};
-
-#define CV_LISTENER_MSG_FLAGS ...
-
-struct cv_spawn_result {
-    int pid;
-    int pidfd;
-    int step;
-    int err;
-    int listener;
-};
-
-int cv_spawn(const struct cv_spawn_args *a, struct cv_spawn_result *r);
-const char *cv_step_name(int step);
-"""
+    cffi reads the header itself, so there is no second copy of the structs
+    to keep in step with it.
+    """
+    text = (NATIVE / "spawn.h").read_text()
+    return text.split("/* cffi-cdef-begin */", 1)[1].split("/* cffi-cdef-end */", 1)[0]
 
 
 def _source_path(base: Path) -> str:
@@ -90,7 +50,7 @@ def make_builder(base: Path) -> FFI:
     """An FFI builder whose source paths are relative to ``base``, the
     directory the compiler will run in."""
     builder = FFI()
-    builder.cdef(CDEF)
+    builder.cdef(header_cdef())
     builder.set_source(
         "supervisor._native",
         '#include "spawn.h"',

@@ -5,14 +5,17 @@
  * itself down and execs, and tell the caller either the child's pid and
  * pidfd or the step at which the child setup failed and the errno there.
  *
- * native/build.py repeats these declarations in its cffi cdef; cffi checks
- * at build time that the two agree, so change both together.
+ * native/build.py hands everything between the cffi-cdef markers to cffi
+ * as its cdef, so keep that part to plain declarations (no #include, no
+ * #if; a #define only for an integer constant).
  */
 #ifndef CAPVISOR_SPAWN_H
 #define CAPVISOR_SPAWN_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+/* cffi-cdef-begin */
 
 /*
  * The steps of a spawn, in the order they run. The first two run in the
@@ -95,5 +98,7 @@ int cv_spawn(const struct cv_spawn_args *a, struct cv_spawn_result *r);
 
 /* The name of a step ("socketpair", ..., "execve"); NULL if out of range. */
 const char *cv_step_name(int step);
+
+/* cffi-cdef-end */
 
 #endif /* CAPVISOR_SPAWN_H */
