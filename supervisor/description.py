@@ -32,7 +32,7 @@ from .tags import (
     is_tagged,
     parse_capability,
 )
-from .yamlsrc import Source, load_yaml, read_text, suggest
+from .yamlsrc import Source, key_text, load_yaml, read_text, suggest
 
 Arg = str | Capability
 
@@ -306,7 +306,9 @@ class _DescriptionReader:
         env: dict[str, Arg] = {}
         for key in node:
             if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
-                self.error(self.source.key_at(node, key), f"bad environment variable name {key!r}")
+                self.error(
+                    self.source.key_at(node, key), f"bad environment variable name {key_text(key)}"
+                )
                 continue
             if key.startswith("LISTEN_"):
                 self.error(self.source.key_at(node, key), f"{key} is set by capvisor from fds")
@@ -332,7 +334,7 @@ class _DescriptionReader:
             if not isinstance(key, str) or not _FD_NAME.fullmatch(key):
                 self.error(
                     self.source.key_at(node, key),
-                    f"bad fd name {key!r} (letters, digits, '_', '.', '-'; at most 255)",
+                    f"bad fd name {key_text(key)} (letters, digits, '_', '.', '-'; at most 255)",
                 )
                 continue
             if not is_tagged(value):
@@ -378,7 +380,8 @@ class _DescriptionReader:
             if kind is None:
                 self.error(
                     self.source.key_at(node, key),
-                    f"unknown limit {key!r}{suggest(str(key), {**LIMITS, **CGROUP_LIMITS})}",
+                    f"unknown limit {key_text(key)}"
+                    f"{suggest(str(key), {**LIMITS, **CGROUP_LIMITS})}",
                 )
                 continue
             parsed = parse_limit(value, kind)

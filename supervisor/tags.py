@@ -21,7 +21,7 @@ from typing import Any, Literal
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 
 from .errors import Location
-from .yamlsrc import Source, scalar_text, suggest, tag_of, unknown_key
+from .yamlsrc import Source, key_text, scalar_text, suggest, tag_of, unknown_key
 
 LONG_PREFIX = "tag:capvisor.dev,2026:"
 CLOUDABI_PREFIX = "tag:nuxi.nl,2015:cloudabi/"
@@ -237,7 +237,8 @@ class _TagReader:
         for key, value in self.node.items():
             if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
                 self.error(
-                    self.source.key_at(self.node, key), f"{self.tag}: bad label name {key!r}"
+                    self.source.key_at(self.node, key),
+                    f"{self.tag}: bad label name {key_text(key)}",
                 )
             elif isinstance(value, bool) or not isinstance(value, str | int):
                 self.error(

@@ -31,7 +31,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from .description import Description, load_description, read_description_node
 from .errors import DescriptionError, Location
 from .tags import Context
-from .yamlsrc import Source, load_yaml, read_text
+from .yamlsrc import Source, key_text, load_yaml, read_text
 
 TOP_LEVEL_KEYS = ("state", "logs", "socket", "switchboard", "programs")
 #: Descriptions run by ``up`` may not use ``!fd`` (the supervisor's own fds).
@@ -160,7 +160,7 @@ class _Reader:
     def program(self, programs: CommentedMap, name: Any, node: Any) -> UpProgram | None:
         key_at = self.source.key_at(programs, name)
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-            self.error(key_at, f"bad program name {name!r} (letters, digits, '-', '_')")
+            self.error(key_at, f"bad program name {key_text(name)} (letters, digits, '-', '_')")
             return None
         if not isinstance(node, CommentedMap):
             self.error(

@@ -74,6 +74,15 @@ class Source:
                 self.error(self.key_at(node, key), unknown_key(key, what, allowed))
 
 
+def key_text(key: Any) -> str:
+    """A key for a message: ``'name'``, or ``{…}``/``[…]`` for a mapping/sequence key."""
+    if isinstance(key, Mapping):
+        return "{…}"
+    if isinstance(key, tuple | list):
+        return "[…]"
+    return repr(key)
+
+
 def unknown_key(key: Any, what: str, allowed: Iterable[str]) -> str:
     """The message for a key of ``what`` that is not one of ``allowed``."""
     if isinstance(key, Mapping):

@@ -192,6 +192,8 @@ def test_all_problems_at_once_in_file_order() -> None:
         ("program: /bin/true\nfds: {x: !socket {bind: 'udp:1.1.1.1:1', type: stream}}\n", "prog.yaml:2:48: !socket: udp addresses need type dgram"),
         ("program: /bin/true\nfds: {x: !mount {path: /x, mod: ro}}\n", "prog.yaml:2:28: unknown key 'mod' in !mount (did you mean mode?)"),
         ("program: /bin/true\nfds: {x: !file {? {a: 1} : 2, path: /x}}\n", "prog.yaml:2:19: a mapping cannot be a key in !file (keys: path, mode, create)"),
+        ("program: /bin/true\nfds:\n  ? {path: /x}\n  : !fd 1\n", "prog.yaml:3:5: bad fd name {…} (letters, digits, '_', '.', '-'; at most 255)"),
+        ("program: /bin/true\nenv: {? [a] : b}\n", "prog.yaml:2:9: bad environment variable name […]"),
         ("program: /bin/true\n? [x]\n: 3\n", "prog.yaml:2:3: a sequence cannot be a key in description (keys: name, program, args, env, cwd, stdin, stdout, stderr, fds, policy, limits, runtime, degrade, restart, stop, log, audit)"),
         ("program: /bin/true\nfds: {'a:b': !fd 1}\n", "prog.yaml:2:7: bad fd name 'a:b' (letters, digits, '_', '.', '-'; at most 255)"),
         ("program: /bin/true\nargs: [!!binary aGk=]\n", "prog.yaml:2:8: args[0] must be a string, a number or a capability tag"),
