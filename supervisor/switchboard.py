@@ -110,7 +110,6 @@ class Broker:
         self.accept_timeout = accept_timeout
         self.registry = Registry()
         self._nursery: trio.Nursery | None = None
-        self._ids = itertools.count(1)
 
     # -- running -------------------------------------------------------------
 
@@ -341,33 +340,23 @@ class Broker:
         endpoint: _Endpoint = target.endpoint
         event = [encode({"event": "connection", "labels": labels})]
         ancdata = [_rights(fd)]
-        try:
-            endpoint.sock.sendmsg(event, ancdata)
-            return True
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            if exc.errno not in _GONE:
-                raise
-            self._prune(target)
-            return False
         with trio.move_on_after(self.accept_timeout):
-            try:
-                async with endpoint.send_lock:
-                    while True:
+            while True:
+                try:
+                    endpoint.sock.sendmsg(event, ancdata)
+                    return True
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    if exc.errno not in _GONE:
+                        raise
+                    self._prune(target)
+                    return False
+                try:
+                    async with endpoint.send_lock:  # one task at a time waits on the socket
                         await trio.lowlevel.wait_writable(endpoint.sock)
-                        try:
-                            endpoint.sock.sendmsg(event, ancdata)
-                            return True
-                        except BlockingIOError:
-                            continue
-            except trio.ClosedResourceError:  # pruned meanwhile
-                return False
-            except OSError as exc:
-                if exc.errno not in _GONE:
-                    raise
-                self._prune(target)
-                return False
+                except trio.ClosedResourceError:  # pruned meanwhile
+                    return False
         raise SwitchboardError(
             "timeout",
             f"server {format_labels(target.labels)} did not take the connection within "

@@ -77,23 +77,25 @@ def _wrap(fd: int, kind: int) -> socket.socket:
 def _recv_by(sock: socket.socket, size: int, deadline: float) -> bytes:
     """Up to ``size`` bytes (b"" at EOF or reset) before ``deadline``; else TimeoutError.
 
-    Waits with poll(2) so the socket's own blocking mode is never changed (a
-    ``!connect`` socket is handed to a program as it is).
+    Reads without blocking and waits with poll(2), so the socket's own
+    blocking mode is never changed (a ``!connect`` socket is handed to a
+    program as it is); bytes already there cost no poll.
     """
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
+    poller = None
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not poller.poll(math.ceil(left * 1000)):
-            if time.monotonic() >= deadline:
-                raise TimeoutError
-            continue
         try:
             return sock.recv(size, _DONTWAIT)
         except BlockingIOError:
-            continue
+            pass
         except ConnectionResetError:
             return b""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        if poller is None:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+        poller.poll(math.ceil(left * 1000))
 
 
 def await_answer(sock: socket.socket, labels: Mapping[str, str], timeout: float) -> bool:
@@ -105,15 +107,9 @@ def await_answer(sock: socket.socket, labels: Mapping[str, str], timeout: float)
     """
     deadline = time.monotonic() + timeout
     try:
-        first = sock.recv(1, _DONTWAIT)  # a quick server has answered already
-    except BlockingIOError:
-        try:
-            first = _recv_by(sock, 1, deadline)
-        except TimeoutError:
-            raise answer_timeout(labels, timeout) from None
-    except ConnectionResetError:
-        first = b""
-    kind = answer_kind(first)
+        kind = answer_kind(_recv_by(sock, 1, deadline))
+    except TimeoutError:
+        raise answer_timeout(labels, timeout) from None
     if kind != "refuse":
         return kind == "accept"
     reason = b""
