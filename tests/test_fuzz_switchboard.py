@@ -1,4 +1,5 @@
-"""Fuzzing the switchboard broker's handles and listeners with random messages and fds.
+"""Fuzzing the switchboard broker's handles and listeners with random messages and fds,
+and the client library with random answers from a server.
 
 A real broker (`capvisor switchboard serve`) and a real echo server
 (tests/switchboard_peer.py) run for the whole module. Each example opens a
@@ -11,6 +12,12 @@ well-behaved client on another handle still reaches the echo server, and
 once the fuzzed handle is closed the broker holds exactly the fds it held
 before and has no child.
 
+A server's answer on a new connection is fuzzed from the client's side: the
+test's own server writes random bytes as its answer, and ``client_connect``
+must return the connection exactly when they start with ACK (the rest is
+then data), report ``refused`` for NAK, ``unavailable`` when every try ends
+without an answer, and ``malformed`` for anything else: no hang, no leaked fd.
+
 Budget: ``CAPVISOR_FUZZ_EXAMPLES`` (see docs/security.md), 60 examples in CI.
 """
 
@@ -21,15 +28,26 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.switchboard_protocol import MAX_MESSAGE, ProtocolError, decode_received
+from supervisor.switchboard_client import Handle
+from supervisor.switchboard_protocol import (
+    ACCEPT,
+    ATTEMPTS,
+    MAX_MESSAGE,
+    REFUSE,
+    ProtocolError,
+    SwitchboardError,
+    decode_received,
+)
 
 from .security.harness import Snapshot, children, fuzz_budget, time_limit
 from .test_switchboard import Board, talk
@@ -193,6 +211,72 @@ def _settle(board: Board, before: Snapshot, seconds: float = 5.0) -> list[str]:
         if not leaks or time.monotonic() > deadline:
             return leaks
         time.sleep(0.02)
+
+
+def _serve_answers(
+    handle: Handle, labels: dict[str, str], answer: bytes, times: int, ready: threading.Event
+) -> None:
+    """Answer ``times`` connections with the bytes ``answer``, then stop serving."""
+    with handle.server_start(labels) as listener:
+        ready.set()
+        for _ in range(times):
+            incoming = listener.receive()
+            with incoming.socket as sock, contextlib.suppress(OSError):
+                sock.sendall(answer)  # the client may have given up already
+
+
+def test_random_answers_from_a_server(tmp_path: Path) -> None:
+    board = Board(tmp_path)
+    try:
+        with board.handle() as server_root, board.handle() as client:
+            serial = iter(range(1_000_000))
+
+            @settings(max_examples=fuzz_budget(100), deadline=None)
+            @given(
+                answer=st.one_of(
+                    st.binary(max_size=1200),
+                    st.binary(max_size=4).map(lambda b: ACCEPT + b),
+                    st.text(max_size=40).map(lambda t: REFUSE + t.encode()),
+                )
+            )
+            def check(answer: bytes) -> None:
+                labels = {"realm": "answers", "n": str(next(serial))}
+                times = ATTEMPTS if not answer else 1
+                fds_before = len(os.listdir("/proc/self/fd"))
+                ready = threading.Event()
+                server = threading.Thread(
+                    target=_serve_answers, args=(server_root, labels, answer, times, ready)
+                )
+                server.start()
+                assert ready.wait(10)
+                outcome: object
+                with time_limit(30):
+                    try:
+                        conn = client.client_connect(labels)
+                    except (SwitchboardError, ProtocolError) as exc:
+                        outcome = exc
+                    else:
+                        with conn.socket as sock:
+                            rest = b""
+                            while chunk := sock.recv(65536):
+                                rest += chunk
+                        outcome = rest
+                    server.join(10)
+                first = answer[:1]
+                if first == ACCEPT:
+                    assert outcome == answer[1:]
+                elif first == REFUSE:
+                    assert isinstance(outcome, SwitchboardError) and outcome.code == "refused"
+                elif not first:
+                    assert isinstance(outcome, SwitchboardError)
+                    assert outcome.code == "unavailable"
+                else:
+                    assert isinstance(outcome, ProtocolError) and outcome.code == "malformed"
+                assert len(os.listdir("/proc/self/fd")) == fds_before
+
+            check()
+    finally:
+        board.close()
 
 
 def test_random_messages_and_fds_on_a_handle(board: Board) -> None:
