@@ -23,6 +23,7 @@ from cffi import FFI
 NATIVE = Path(__file__).resolve().parent
 ROOT = NATIVE.parent
 
+
 def header_cdef() -> str:
     """The declarations of spawn.h between its cffi-cdef markers.
 
