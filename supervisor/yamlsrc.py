@@ -9,15 +9,17 @@ anything is reported.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedBase, CommentedMap, CommentedSeq, TaggedScalar
+from ruamel.yaml.constructor import ConstructorError, RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning, YAMLError
 from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from ruamel.yaml.reader import ReaderError
@@ -114,6 +116,30 @@ def scalar_text(node: Any) -> str:
     return "" if node is None else str(node)
 
 
+class _Constructor(RoundTripConstructor):
+    """ruamel's round-trip constructor, with a quiet ``construct_unknown``.
+
+    ruamel's own catches everything, GeneratorExit included, and raises
+    ConstructorError instead: when a load fails part-way (``[!x a, !!int
+    b]``) the half-run generator is collected later and Python prints
+    "Exception ignored in ... construct_unknown" and a traceback to the
+    user's stderr. This one closes it quietly.
+    """
+
+    def construct_unknown(self, node: Any) -> Iterator[Any]:
+        generator = super().construct_unknown(node)
+        try:
+            yield next(generator)
+        except GeneratorExit:
+            with contextlib.suppress(ConstructorError):
+                generator.close()
+            raise
+        yield from generator
+
+
+_Constructor.add_constructor(None, _Constructor.construct_unknown)
+
+
 def load_yaml(text: str, source: Source) -> Any:
     """Parse ``text``; a syntax error becomes one problem and None is returned.
 
@@ -121,6 +147,7 @@ def load_yaml(text: str, source: Source) -> Any:
     (``!!int x``) and escapes of lone surrogates, each with its location.
     """
     yaml = YAML(typ="rt")
+    yaml.Constructor = _Constructor
     yaml.allow_duplicate_keys = False
     try:
         with warnings.catch_warnings():

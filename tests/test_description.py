@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -233,3 +236,31 @@ def test_yes_no_stay_strings_in_yaml_1_2() -> None:
     d = parse("program: /bin/true\nargs: [yes, no, on]\nrestart: {policy: no}\n")
     assert d.args == ("yes", "no", "on")
     assert d.restart.policy == "no"
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "where"),
+    [
+        (["check"], "program: /bin/true\nargs: [!!str clone, !!int clone]\n", "2:21"),
+        (["policy", "check"], "[!!str clone, !!int clone, &b 0x1F, &b 0x1F]\n", "1:15"),
+    ],
+)
+def test_a_failed_yaml_load_prints_only_its_problem(
+    tmp_path: Path, command: list[str], text: str, where: str
+) -> None:
+    # ruamel leaves a half-run generator behind when a load fails part-way;
+    # collected later, it used to print "Exception ignored in ...
+    # construct_unknown" and a traceback after the located message.
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "supervisor", *command, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert proc.returncode == 125
+    assert proc.stderr == (
+        f"{path}:{where}: invalid YAML: the value does not fit its tag"
+        " (invalid literal for int() with base 10: 'clone')\n"
+    )
