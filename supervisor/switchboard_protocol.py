@@ -165,7 +165,7 @@ def parse_label_words(words: Iterable[str]) -> Labels:
 
 @dataclass(frozen=True)
 class Message:
-    """A decoded request (``op`` set) or listener message, checked against its schema."""
+    """A decoded request, checked against :data:`REQUEST_FIELDS`."""
 
     op: str
     id: int | str | None = None
@@ -216,7 +216,8 @@ def decode_object(data: bytes) -> dict[str, Any]:
     return obj
 
 
-def _decode(data: bytes, schema: Mapping[str, tuple[str, ...]]) -> Message:
+def decode_request(data: bytes) -> Message:
+    """A request on a handle; raises :class:`ProtocolError`."""
     obj = decode_object(data)
     ident = obj.get("id")
     if ident is not None and (
@@ -233,9 +234,10 @@ def _decode(data: bytes, schema: Mapping[str, tuple[str, ...]]) -> Message:
     op = obj.get("op")
     if not isinstance(op, str):
         raise ProtocolError("malformed", 'a request needs "op"')
-    if op not in schema:
-        raise ProtocolError("unknown_op", f"unknown op {op!r} (known: {', '.join(schema)})")
-    allowed = schema[op]
+    if op not in REQUEST_FIELDS:
+        known = ", ".join(REQUEST_FIELDS)
+        raise ProtocolError("unknown_op", f"unknown op {op!r} (known: {known})")
+    allowed = REQUEST_FIELDS[op]
     fields = {k: v for k, v in obj.items() if k not in ("v", "op", "id")}
     for key in fields:
         if key not in allowed:
@@ -251,11 +253,6 @@ def _decode(data: bytes, schema: Mapping[str, tuple[str, ...]]) -> Message:
         if unknown:
             raise ProtocolError("malformed", f"unknown rights {unknown} (rights: {list(RIGHTS)})")
     return Message(op, ident, fields)
-
-
-def decode_request(data: bytes) -> Message:
-    """A request on a handle; raises :class:`ProtocolError`."""
-    return _decode(data, REQUEST_FIELDS)
 
 
 # -- the server's answer on a connection ---------------------------------------
